@@ -1,0 +1,532 @@
+"""
+model.py -- the frozen parts, the trainable tuning-encoder, prompts with a soft token.
+
+Implements Sec. 4.1 (architecture: CLIP ViT-H-14 + UNet-encoder features -> conv fusion ->
+token embedder + LoRA hypernetwork, Eq. 2) of "Domain-Agnostic Tuning-Encoder for Fast
+Personalization of Text-To-Image Models" (Arar, Gal et al. 2023), plus the pieces that every
+stage shares: presets (DESIGN.md §3), prompt encoding with the placeholder S* and its
+nearest real ("hard") token (Sec. 4.2, 4.3).
+
+Presets
+    sd15       real SD 1.5 + open_clip ViT-H-14 weights (needs the weights, a GPU for speed)
+    sd15-arch  the same architectures with random weights (benchmarks; build on "meta" in tests)
+    tiny       the same classes at toy widths, seeded random weights (tests, offline smoke runs)
+
+This file is a library; it has no command line. See tune.py / pretrain.py / sample.py.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The CLIP BPE vocabulary shared by SD 1.5 and all three presets (49,408 tokens).
+BOS_ID, EOS_ID = 49406, 49407
+SPECIAL_IDS = (BOS_ID, EOS_ID)
+MAX_TOKENS = 77  # SD 1.5's text context length
+PLACEHOLDER = "S*"
+
+# open_clip's image normalisation for its CLIP towers (OpenAI mean/std).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD15_CLIP = ("ViT-H-14", "laion2b_s32b_b79k")
+PRESETS = ("sd15", "sd15-arch", "tiny")
+
+
+# ----------------------------------------------------------------------------------------
+# Presets
+
+
+@dataclass
+class PresetConfig:
+    """Sizes that differ between presets. Everything else is the same code."""
+
+    name: str
+    resolution: int  # VAE view size in pixels (512 for SD 1.5)
+    clip_size: int = 224  # CLIP view size in pixels
+    token_dim: int = 768  # text-encoder width = size of v*
+    # Tuning-encoder widths (Sec. 4.1; the paper does not give them, these are ours).
+    fusion_width: int = 512  # channels of the conv fusion net
+    feature_dim: int = 1024  # size of the pooled feature h shared by both heads
+    layer_code_dim: int = 64  # per-layer code of the hypernetwork head
+    lora_rank: int = 4  # r of Eq. (2)
+    lora_scale: float = 1.0  # constant scale of Delta W = s * A B (Sec. 4.1, following LoRA)
+
+
+PRESET_CONFIGS = {
+    "sd15": PresetConfig("sd15", resolution=512),
+    "sd15-arch": PresetConfig("sd15-arch", resolution=512),
+    "tiny": PresetConfig(
+        "tiny", resolution=32, token_dim=32, fusion_width=32, feature_dim=64, layer_code_dim=16, lora_rank=2
+    ),
+}
+
+
+def preset_config(preset: str) -> PresetConfig:
+    if preset not in PRESET_CONFIGS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return PRESET_CONFIGS[preset]
+
+
+@functools.lru_cache(maxsize=1)
+def build_tokenizer():
+    """SD 1.5's CLIPTokenizer, built offline from the BPE file that open_clip ships.
+
+    open_clip's SimpleTokenizer holds the same 49,408-token vocabulary and merges as SD 1.5's
+    tokenizer; only the two special tokens are spelt differently. Ids equal SD 1.5's.
+    """
+    from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
+
+    st = SimpleTokenizer()
+    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {rename.get(tok, tok): i for tok, i in st.encoder.items()}
+    merges = [pair for pair, _ in sorted(st.bpe_ranks.items(), key=lambda kv: kv[1])]
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>")
+    tok.model_max_length = MAX_TOKENS
+    assert len(tok) == 49408 and tok.bos_token_id == BOS_ID and tok.eos_token_id == EOS_ID
+    return tok
+
+
+def sd15_scheduler_config() -> dict:
+    """SD 1.5's noise schedule (scaled-linear betas, epsilon prediction)."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+@dataclass
+class Components:
+    """The frozen parts of one preset, plus what describes them."""
+
+    preset: str
+    cfg: PresetConfig
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    image_encoder: nn.Module | None  # open_clip VisionTransformer (output_tokens=True)
+    noise_scheduler: object  # DDPMScheduler (training); sample.py derives a DDIMScheduler from it
+    base: str = ""  # where sd15 weights came from (hub id or folder); "" for random presets
+    clip: str = ""
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def token_table(self) -> torch.Tensor:
+        """The frozen token-embedding table of the text encoder, (49408, token_dim)."""
+        return self.text_encoder.get_input_embeddings().weight
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def _sd15_unet_kwargs() -> dict:
+    return dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+
+
+def _sd15_vae_kwargs() -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+
+
+def _sd15_text_config():
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=MAX_TOKENS,
+        hidden_act="quick_gelu",
+        projection_dim=768,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=1,
+    )
+
+
+def _build_random(preset: str, device) -> dict:
+    """Build the architectures with random weights (sd15-arch, tiny)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from open_clip.transformer import VisionTransformer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if preset == "sd15-arch":
+        with torch.device(device):
+            unet = UNet2DConditionModel(**_sd15_unet_kwargs())
+            vae = AutoencoderKL(**_sd15_vae_kwargs())
+            text_encoder = CLIPTextModel(_sd15_text_config())
+            # ViT-H-14's vision tower (open_clip config: width 1280, 32 layers, head width 80,
+            # patch 14, embed dim 1024). Built directly: open_clip.create_model("ViT-H-14",
+            # device="meta") also builds the text tower and takes ~15 s on 2 cores.
+            image_encoder = VisionTransformer(
+                image_size=224, patch_size=14, width=1280, layers=32, heads=16, mlp_ratio=4.0, output_dim=1024
+            )
+        return dict(unet=unet, vae=vae, text_encoder=text_encoder, image_encoder=image_encoder)
+
+    assert preset == "tiny"
+    # Toy widths, same classes. Seeded so that every process builds the same weights,
+    # without touching the caller's global RNG.
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+        )
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            latent_channels=4,
+            sample_size=32,
+            scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=MAX_TOKENS,
+                hidden_act="quick_gelu",
+                projection_dim=32,
+                bos_token_id=BOS_ID,
+                eos_token_id=EOS_ID,
+                pad_token_id=1,
+            )
+        )
+        image_encoder = VisionTransformer(
+            image_size=224, patch_size=32, width=64, layers=2, heads=4, mlp_ratio=2.0, output_dim=32
+        )
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, image_encoder=image_encoder)
+
+
+def load_components(
+    preset: str = "sd15",
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    base: str = SD15_BASE,
+    clip: str = SD15_CLIP[1],
+    with_image_encoder: bool = True,
+) -> Components:
+    """Load (sd15) or build (sd15-arch, tiny) the frozen parts, all in eval mode, no grads.
+
+    base: SD 1.5 hub id or local folder (sd15 only); clip: open_clip pretrained tag or a local
+    checkpoint file for ViT-H-14 (sd15 only). with_image_encoder=False skips the CLIP tower
+    (sample.py does not need it).
+    """
+    from diffusers import DDPMScheduler
+
+    cfg = preset_config(preset)
+    if preset == "sd15":
+        # Real weights. Not runnable offline; mirrors the sd15-arch branch line for line.
+        import open_clip
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+        scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+        image_encoder = None
+        if with_image_encoder:
+            clip_model, _, _ = open_clip.create_model_and_transforms(SD15_CLIP[0], pretrained=clip, device=device)
+            image_encoder = clip_model.visual
+        parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, image_encoder=image_encoder)
+    else:
+        parts = _build_random(preset, device)
+        if not with_image_encoder:
+            parts["image_encoder"] = None
+        tokenizer = build_tokenizer()
+        scheduler = DDPMScheduler(**sd15_scheduler_config())
+        base = clip = ""
+
+    from diffusers.utils import logging as dlogging
+
+    verbosity = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # diffusers warns on every .to(dtype) of a model not from_pretrained
+    try:
+        for m in parts.values():
+            if m is None:
+                continue
+            m.requires_grad_(False).eval()
+            if str(device) != "meta":
+                m.to(device=device, dtype=dtype)
+    finally:
+        dlogging.set_verbosity(verbosity)
+    if parts["image_encoder"] is not None:
+        parts["image_encoder"].output_tokens = True  # forward -> (pooled, patch tokens)
+    comps = Components(preset=preset, cfg=cfg, tokenizer=tokenizer, noise_scheduler=scheduler, base=base, clip=clip, **parts)
+    return comps
+
+
+# ----------------------------------------------------------------------------------------
+# Prompts with a soft token (Sec. 3.1: "a photo of S*" -> v* at the position of S*)
+
+
+def tokenize_with_placeholder(tokenizer, prompts: list[str], placeholder: str = PLACEHOLDER):
+    """Token ids (B, 77) and a mask (B, 77) of where the placeholder sits.
+
+    Each piece of the prompt between placeholders is tokenised on its own, so the placeholder
+    occupies exactly one token slot (whatever the tokenizer would have made of "S*"). The slot
+    holds id 0 until the caller replaces it (hard prompt) or its embedding (soft prompt).
+    """
+    ids = torch.full((len(prompts), MAX_TOKENS), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), MAX_TOKENS), dtype=torch.bool)
+    for b, prompt in enumerate(prompts):
+        row, slots = [BOS_ID], []
+        pieces = prompt.split(placeholder)
+        for j, piece in enumerate(pieces):
+            row += tokenizer(piece, add_special_tokens=False).input_ids
+            if j < len(pieces) - 1:
+                slots.append(len(row))
+                row.append(0)
+        row = row[: MAX_TOKENS - 1] + [EOS_ID]  # truncate like the pipeline does
+        ids[b, : len(row)] = torch.tensor(row)
+        for s in slots:
+            if s < MAX_TOKENS - 1:
+                mask[b, s] = True
+    return ids, mask
+
+
+def encode_prompt(
+    text_encoder,
+    tokenizer,
+    prompts: list[str],
+    v_star: torch.Tensor | None = None,
+    hard_ids: torch.Tensor | None = None,
+    placeholder: str = PLACEHOLDER,
+) -> torch.Tensor:
+    """Text-encoder output (B, 77, D) for prompts that contain the placeholder.
+
+    v_star (B|1, D): the soft prompt C -- v* is inserted at the placeholder's token slot
+    (gradients flow back to v*). hard_ids (B|1,): the hard prompt C_h -- the placeholder is
+    replaced by a real token id (Sec. 4.3). Neither: the placeholder slot keeps id 0.
+    Works with the unmodified transformers CLIPTextModel: v* enters through a forward hook on
+    its token-embedding layer.
+    """
+    device = text_encoder.get_input_embeddings().weight.device
+    ids, mask = tokenize_with_placeholder(tokenizer, prompts, placeholder)
+    ids, mask = ids.to(device), mask.to(device)
+    if hard_ids is not None:
+        ids = torch.where(mask, hard_ids.to(device).view(-1, 1), ids)
+    if v_star is None:
+        return text_encoder(input_ids=ids).last_hidden_state  # (B, 77, D)
+
+    def insert_v_star(module, inputs, out):  # out: (B, 77, D) token embeddings
+        return torch.where(mask[..., None], v_star[:, None, :].to(out.dtype), out)
+
+    handle = text_encoder.get_input_embeddings().register_forward_hook(insert_v_star)
+    try:
+        return text_encoder(input_ids=ids).last_hidden_state  # (B, 77, D)
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def nearest_tokens(v: torch.Tensor, token_table: torch.Tensor, k: int = 1, exclude=SPECIAL_IDS):
+    """Cosine top-k rows of the token table for each v (B, D) -> (ids (B, k), cosines (B, k)).
+
+    Special tokens (start/end of text) are never returned. No gradient flows through the search.
+    """
+    table = F.normalize(token_table.float(), dim=-1)  # (V, D)
+    sims = F.normalize(v.detach().float(), dim=-1) @ table.T  # (B, V)
+    sims[:, list(exclude)] = -float("inf")
+    cos, ids = sims.topk(k, dim=-1)
+    return ids, cos
+
+
+# ----------------------------------------------------------------------------------------
+# Frozen feature backbones (Sec. 4.1: "spatial features ... from each backbone's last layer")
+
+
+@torch.no_grad()
+def clip_spatial_features(image_encoder, clip_image: torch.Tensor) -> torch.Tensor:
+    """open_clip ViT last-layer patch tokens as a map: (B, 3, 224, 224) -> (B, W, g, g)."""
+    _, tokens = image_encoder(clip_image.to(next(image_encoder.parameters()).dtype))  # (B, g*g, W)
+    g = int(math.isqrt(tokens.shape[1]))
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, g, g)
+
+
+@torch.no_grad()
+def unet_encoder_features(unet, z_t: torch.Tensor, t: torch.Tensor, empty_emb: torch.Tensor) -> torch.Tensor:
+    """Down blocks + mid block of the base UNet on (z_t, t) with the empty prompt (Sec. 4.1).
+
+    (B, 4, 64, 64) -> (B, 1280, 8, 8) for SD 1.5. No LoRA: the dual-path processors act as
+    plain attention when they are given no per-call inputs.
+    """
+    dtype = next(unet.parameters()).dtype
+    z_t = z_t.to(dtype)
+    ctx = empty_emb.to(dtype).expand(z_t.shape[0], -1, -1)  # (B, 77, D)
+    t = t.expand(z_t.shape[0]) if t.dim() == 1 and t.shape[0] == 1 else t
+    emb = unet.time_embedding(unet.time_proj(t).to(dtype))  # (B, time_dim)
+    h = unet.conv_in(z_t)
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            h, _ = block(h, temb=emb, encoder_hidden_states=ctx)
+        else:
+            h, _ = block(h, temb=emb)
+    return unet.mid_block(h, emb, encoder_hidden_states=ctx)
+
+
+# ----------------------------------------------------------------------------------------
+# The tuning-encoder (Sec. 4.1, Fig. 2)
+
+
+def lora_shapes(unet, names: list[str]) -> list[tuple[int, int]]:
+    """(D_in, D_out) of each LoRA'd projection, in the order of `names`."""
+    mods = dict(unet.named_modules())
+    return [(mods[n].in_features, mods[n].out_features) for n in names]
+
+
+class ConvBlock(nn.Module):
+    """Residual 3x3 conv block: GroupNorm -> SiLU -> conv, twice."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        groups = min(32, width // 4)
+        self.net = nn.Sequential(
+            nn.GroupNorm(groups, width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1),
+            nn.GroupNorm(groups, width), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1),
+        )
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
+class TuningEncoder(nn.Module):
+    """Trainable part of the encoder: conv fusion + token embedder + hypernetwork (Sec. 4.1).
+
+    forward(clip_map, unet_map) takes the two frozen backbones' last-layer maps
+    (see clip_spatial_features / unet_encoder_features, or `encode` below which runs them) and
+    returns
+        v      (B, token_dim)                   the word embedding v* (token embedder head)
+        lora   {name: (A (B, D_in, r), B (B, r, D_out))} for each q/k/v projection (Eq. 2)
+    The frozen backbones are not submodules, so state_dict(), the optimizer and DDP only ever
+    see trainable weights.
+    """
+
+    def __init__(self, cfg: PresetConfig, clip_channels: int, unet_channels: int,
+                 layer_names: list[str], layer_shapes: list[tuple[int, int]]):
+        super().__init__()
+        w, d, c, r = cfg.fusion_width, cfg.feature_dim, cfg.layer_code_dim, cfg.lora_rank
+        self.layer_names = list(layer_names)
+        self.layer_shapes = [tuple(s) for s in layer_shapes]
+        self.rank, self.lora_scale = r, cfg.lora_scale
+
+        # Fusion: project both maps to a common width, resize to one grid, concat, convs, pool.
+        self.clip_proj = nn.Conv2d(clip_channels, w, 1)
+        self.unet_proj = nn.Conv2d(unet_channels, w, 1)
+        self.fuse_in = nn.Conv2d(2 * w, w, 3, padding=1)
+        self.fuse_blocks = nn.Sequential(ConvBlock(w), ConvBlock(w))
+        self.to_feature = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, d), nn.SiLU())  # after global pooling
+
+        # Token-embedder head -> v*.
+        self.token_head = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, cfg.token_dim))
+
+        # Hypernetwork head: h -> one code per layer -> per-layer projections to A and B.
+        n = len(self.layer_names)
+        self.layer_codes = nn.Linear(d, n * c)
+        self.layer_embed = nn.Parameter(torch.randn(n, c) * 0.02)
+        self.code_norm = nn.LayerNorm(c)
+        self.a_heads = nn.ModuleList(nn.Linear(c, din * r) for din, _ in self.layer_shapes)
+        self.b_heads = nn.ModuleList(nn.Linear(c, r * dout) for _, dout in self.layer_shapes)
+        for (din, _), a in zip(self.layer_shapes, self.a_heads):
+            # A entries ~ N(0, 1/D_in) for a unit-norm code, so x·A stays O(1) like LoRA's A.
+            nn.init.normal_(a.weight, std=1.0 / math.sqrt(c * din))
+            nn.init.zeros_(a.bias)
+        for b in self.b_heads:
+            # Sec. 4.1: "we initialize the prediction layer of the matrix B to zero" -> Delta W = 0.
+            nn.init.zeros_(b.weight)
+            nn.init.zeros_(b.bias)
+
+    def forward(self, clip_map: torch.Tensor, unet_map: torch.Tensor):
+        p = next(self.parameters())
+        clip_map, unet_map = clip_map.to(p.dtype), unet_map.to(p.dtype)
+        x_u = self.unet_proj(unet_map)  # (B, w, 8, 8)
+        x_c = F.interpolate(self.clip_proj(clip_map), size=x_u.shape[-2:], mode="bilinear", align_corners=False)
+        x = self.fuse_blocks(self.fuse_in(torch.cat([x_c, x_u], dim=1)))  # (B, w, 8, 8)
+        h = self.to_feature(x.mean(dim=(2, 3)))  # global average pool -> (B, d)
+
+        v = self.token_head(h)  # (B, token_dim)
+
+        B, r = h.shape[0], self.rank
+        codes = self.code_norm(self.layer_codes(h).view(B, len(self.layer_names), -1) + self.layer_embed)  # (B, L, c)
+        lora = {}
+        for i, (name, (din, dout)) in enumerate(zip(self.layer_names, self.layer_shapes)):
+            A = self.a_heads[i](codes[:, i]).view(B, din, r)  # (B, D_in, r)
+            Bm = self.b_heads[i](codes[:, i]).view(B, r, dout)  # (B, r, D_out)
+            lora[name] = (A, Bm)
+        return v, lora
+
+
+def build_encoder(comps: Components, layer_names: list[str]) -> TuningEncoder:
+    """A TuningEncoder sized for this preset's backbones (on CPU, fp32)."""
+    clip_w = comps.image_encoder.transformer.width if comps.image_encoder is not None else comps.extras["clip_width"]
+    unet_w = comps.unet.config.block_out_channels[-1]
+    return TuningEncoder(comps.cfg, clip_w, unet_w, layer_names, lora_shapes(comps.unet, layer_names))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def empty_prompt_embeds(comps: Components) -> torch.Tensor:
+    """Text-encoder output of the empty prompt, (1, 77, D); cached on the components."""
+    cached = comps.extras.get("empty_emb")
+    if cached is None:
+        with torch.no_grad():
+            cached = encode_prompt(comps.text_encoder, comps.tokenizer, [""])
+        comps.extras["empty_emb"] = cached
+    return cached
+
+
+def encode(encoder: TuningEncoder, comps: Components, clip_image, z_t, t):
+    """The whole encoder E(I_c, z_t, t): frozen backbones (no_grad) then the trainable part."""
+    clip_map = clip_spatial_features(comps.image_encoder, clip_image)  # (B, 1280, 16, 16)
+    unet_map = unet_encoder_features(comps.unet, z_t, t, empty_prompt_embeds(comps))  # (B, 1280, 8, 8)
+    return encoder(clip_map, unet_map)
