@@ -530,3 +530,24 @@ def encode(encoder: TuningEncoder, comps: Components, clip_image, z_t, t):
     clip_map = clip_spatial_features(comps.image_encoder, clip_image)  # (B, 1280, 16, 16)
     unet_map = unet_encoder_features(comps.unet, z_t, t, empty_prompt_embeds(comps))  # (B, 1280, 8, 8)
     return encoder(clip_map, unet_map)
+
+
+# ----------------------------------------------------------------------------------------
+# Small shared steps of the training losses
+
+
+@torch.no_grad()
+def vae_latents(vae, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, 3, R, R) in [-1, 1] -> scaled latents (B, 4, R/8, R/8), a sample of the posterior."""
+    dist = vae.encode(images.to(next(vae.parameters()).dtype)).latent_dist
+    return dist.sample(generator=generator) * vae.config.scaling_factor
+
+
+def noisy_latents(scheduler, z0: torch.Tensor, generator: torch.Generator | None = None, t: torch.Tensor | None = None):
+    """Forward diffusion: (z_t, t, eps, target). target = eps for SD 1.5 (Eq. 1); v for v-models."""
+    noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+    if t is None:
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), generator=generator, device=z0.device)
+    z_t = scheduler.add_noise(z0, noise, t)
+    target = scheduler.get_velocity(z0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+    return z_t, t, noise, target

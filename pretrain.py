@@ -1,0 +1,393 @@
+"""
+pretrain.py -- pre-train the tuning-encoder on a large image set (Sec. 4, Sec. 5.1).
+
+One step (Sec. 4): VAE latents and CLIP view of each image; noise and t; the encoder predicts
+v*, A, B (Sec. 4.1, Eq. 2); the nearest real token gives the hard prompt C_h (Sec. 4.3);
+the dual-path UNet (Eq. 5) predicts the noise; the loss is
+    Eq. (1) + lambda_c * Eq. (3) + lambda_e * Eq. (4) + lambda_w * sum_layers ||A B||^2 (Sec. 4.1)
+with Eq. (3)'s negatives gathered from all ranks. AdamW, linear warm-up then cosine decay
+(Sec. 5.1: lr 1e-4, 150k steps; 50k for ablations).
+
+Launch
+    python pretrain.py --preset tiny --data synthetic --steps 200 --batch-size 4     # CPU smoke run
+    torchrun --nproc_per_node=8 pretrain.py --data /data/imagenet/train --openimages /data/openimages
+    python pretrain.py ... --resume auto            # continue from OUT/encoder.pt
+
+Writes OUT/encoder.pt (latest; what tune.py reads), OUT/encoder_{step:07d}.pt every
+--save-every steps, and OUT/log.jsonl (one JSON line per log step). Ctrl-C saves first.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data as data_lib
+import dualpath
+import losses
+import model
+
+CHECKPOINT_FORMAT = "date-encoder-v1"
+
+
+@dataclass
+class Config:
+    preset: str = "sd15"  # sd15 (real weights) | sd15-arch (random, benchmarks) | tiny (tests, CPU)
+    data: str | None = None  # ImageNet-style folder, or "synthetic"
+    openimages: str | None = None  # OpenImages folder: images + box CSV (largest box is cropped)
+    out: str = "runs/pretrain"  # checkpoints and log.jsonl go here
+    steps: int = 150_000  # Sec. 5.1: 150k for the final model (50k for ablations)
+    batch_size: int = 16  # per process
+    lr: float = 1e-4  # Sec. 5.1
+    warmup_steps: int = 1_000  # linear warm-up, then cosine decay to 0 (Sec. 5.1)
+    weight_decay: float = 0.01  # AdamW
+    grad_clip: float = 1.0  # max global grad norm
+    save_every: int = 5_000  # also writes encoder_{step:07d}.pt
+    log_every: int = 50  # one JSON line in log.jsonl per this many steps
+    resume: str | None = None  # a checkpoint path, or "auto" = OUT/encoder.pt if it exists
+    stop_at: int | None = None  # end this run after this step (checkpointed), e.g. to fit a job slot
+    seed: int = 0
+    grad_checkpointing: bool = False  # trade compute for memory in the UNet
+    alpha_blend: float = 0.25  # Eq. (5) alpha during pre-training (as in tuning, Sec. 5.1)
+    # Loss weights and Eq. (3) settings. The paper gives no values; these are ours.
+    lambda_contrastive: float = 0.01  # Eq. (3)
+    lambda_embedding: float = 1e-3  # Eq. (4)
+    lambda_hyper: float = 1e-4  # hyper-weight L2, summed over the 96 layers (Sec. 4.1)
+    nn_k: int = 5  # |N(v*)|: nearest tokens used as positives in Eq. (3)
+    tau: float = 0.07  # Eq. (3) temperature (on cosine similarities)
+    num_workers: int = 4  # data-loader processes per rank
+    base: str = model.SD15_BASE  # sd15: hub id or local folder of SD 1.5
+    clip: str = model.SD15_CLIP[1]  # sd15: open_clip tag or local file for ViT-H-14
+    benchmark: bool = False  # end with one JSON line of throughput and memory
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            typ = {"int": int, "float": float, "int | None": int}.get(f.type, str)
+            choices = model.PRESETS if f.name == "preset" else None
+            p.add_argument(flag, type=typ, default=f.default, choices=choices)
+    return Config(**vars(p.parse_args(argv)))
+
+
+def fail(msg: str):
+    print(f"pretrain.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def atomic_save(obj, path: str):
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def lr_lambda(cfg: Config):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: kB -> GB (host RSS)
+
+
+def frozen_dtype(device) -> torch.dtype:
+    """Frozen weights: bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def gather_negatives(v: torch.Tensor, world: int, rank: int):
+    """The other ranks' v' (no grad) for Eq. (3)'s negatives, or None on one process."""
+    if world == 1:
+        return None
+    parts = [torch.empty_like(v) for _ in range(world)]
+    dist.all_gather(parts, v.detach().contiguous())
+    return torch.cat([p for i, p in enumerate(parts) if i != rank])
+
+
+def step_seed(cfg: Config, step: int, rank: int) -> int:
+    """Per-step, per-rank seed for noise, t and prompts: a resumed run replays them exactly."""
+    return ((cfg.seed * 1_000_003 + step) * 1_024 + rank) & 0x7FFFFFFFFFFF
+
+
+def pretrain_losses(cfg: Config, comps, encoder, batch, seed: int, world: int = 1, rank: int = 0):
+    """All loss terms of one pre-training step (Sec. 4). Returns a dict of scalar tensors."""
+    device = comps.token_table.device
+    g = torch.Generator(device).manual_seed(seed)
+    images, clip_images = batch["vae"].to(device), batch["clip"].to(device)
+    z0 = model.vae_latents(comps.vae, images, g).float()  # (B, 4, R/8, R/8)
+    z_t, t, _, target = model.noisy_latents(comps.noise_scheduler, z0, g)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast:
+        v, lora = model.encode(encoder, comps, clip_images, z_t, t)  # (B, D), {name: (A, B)}
+        hard_ids = model.nearest_tokens(v, comps.token_table, k=1)[0][:, 0]  # (B,) v_h (Sec. 4.3)
+        prompts = data_lib.make_prompts(len(v), random.Random(seed))
+        C = model.encode_prompt(comps.text_encoder, comps.tokenizer, prompts, v_star=v)  # (B, 77, D)
+        with torch.no_grad():
+            C_h = model.encode_prompt(comps.text_encoder, comps.tokenizer, prompts, hard_ids=hard_ids)
+        kw = dualpath.dual_path_kwargs(lora, C_h, alpha=cfg.alpha_blend, lora_scale=comps.cfg.lora_scale)
+        pred = comps.unet(z_t, t, encoder_hidden_states=C, cross_attention_kwargs=kw).sample  # Eq. (5)
+
+    terms = {
+        "diffusion": losses.diffusion_loss(pred, target),  # Eq. (1)
+        "contrastive": losses.nn_contrastive_loss(  # Eq. (3), negatives from all ranks
+            v.float(), comps.token_table, k=cfg.nn_k, tau=cfg.tau, extra_negatives=gather_negatives(v.float(), world, rank)
+        ),
+        "embedding": losses.embedding_l2(v),  # Eq. (4)
+        "hyper": sum(losses.hyperweight_l2(A, B) for A, B in lora.values()),  # Sec. 4.1
+    }
+    terms["loss"] = (
+        terms["diffusion"]
+        + cfg.lambda_contrastive * terms["contrastive"]
+        + cfg.lambda_embedding * terms["embedding"]
+        + cfg.lambda_hyper * terms["hyper"]
+    )
+    return terms
+
+
+def trainable_state(encoder) -> dict:
+    return {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+
+
+def make_checkpoint(cfg, comps, encoder, opt, sched, step: int) -> dict:
+    """Trainable weights only (no frozen backbone), optimizer, scheduler, step, RNG, config."""
+    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "preset": cfg.preset,
+        "base": comps.base,
+        "clip": comps.clip,
+        "step": step,
+        "encoder": trainable_state(encoder),
+        "layer_names": list(encoder.layer_names),
+        "layer_shapes": [list(s) for s in encoder.layer_shapes],
+        "encoder_dims": {"clip_channels": encoder.clip_proj.in_channels, "unet_channels": encoder.unet_proj.in_channels},
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": rng,
+        "config": asdict(cfg),
+    }
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load an encoder checkpoint (weights_only) and check that it is ours."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an encoder checkpoint written by pretrain.py")
+    return ckpt
+
+
+def encoder_from_checkpoint(ckpt: dict, comps) -> model.TuningEncoder:
+    """Rebuild the trainable encoder of a checkpoint for these components."""
+    if ckpt["preset"] != comps.preset:
+        raise ValueError(f"the encoder checkpoint is for preset {ckpt['preset']!r}, not {comps.preset!r}")
+    enc = model.TuningEncoder(
+        comps.cfg, ckpt["encoder_dims"]["clip_channels"], ckpt["encoder_dims"]["unet_channels"],
+        ckpt["layer_names"], [tuple(s) for s in ckpt["layer_shapes"]],
+    )
+    enc.load_state_dict(ckpt["encoder"])
+    return enc
+
+
+def main(cfg: Config):
+    # 1) Processes and devices (same file under `python` and `torchrun`, like nanoGPT).
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rank, world, local_rank = 0, 1, 0
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    master = rank == 0
+    try:
+        return _train(cfg, device, rank, world, master)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, device, rank: int, world: int, master: bool):
+    # 2) Frozen parts and the trainable encoder.
+    comps = model.load_components(cfg.preset, device=device, dtype=frozen_dtype(device), base=cfg.base, clip=cfg.clip)
+    names = dualpath.install_dual_path(comps.unet)
+    if cfg.grad_checkpointing:
+        comps.unet.enable_gradient_checkpointing()
+    torch.manual_seed(cfg.seed)
+    encoder = model.build_encoder(comps, names).to(device)  # fp32 trainable weights
+    if master:
+        print(f"tuning-encoder ({cfg.preset}): {model.count_parameters(encoder):,} trainable parameters; "
+              f"{len(names)} LoRA layers, rank {comps.cfg.lora_rank}", file=sys.stderr)
+    opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+    # 3) Resume.
+    step = 0
+    resume = os.path.join(cfg.out, "encoder.pt") if cfg.resume == "auto" else cfg.resume
+    if resume and os.path.exists(resume):
+        ckpt = load_checkpoint(resume)
+        encoder.load_state_dict(ckpt["encoder"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate((3, tuple(ckpt["rng"]["python"]), None))
+        if "cuda" in ckpt["rng"] and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        step = ckpt["step"]
+        if master:
+            print(f"resumed from {resume} at step {step}", file=sys.stderr)
+    elif cfg.resume and cfg.resume != "auto":
+        raise FileNotFoundError(f"--resume: no such checkpoint: {cfg.resume}")
+    model_ddp = DDP(encoder, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else encoder
+
+    # 4) Data: every rank sees its own shard; the sampler skips what a resumed run already saw.
+    dataset = data_lib.ConceptImages(cfg.data, cfg.openimages, comps.cfg.resolution, comps.cfg.clip_size,
+                                     augment=True, synthetic_seed=cfg.seed)
+    steps_per_epoch = len(dataset) // (cfg.batch_size * world)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} images are fewer than one global batch ({cfg.batch_size} x {world})")
+
+    def loader(epoch: int, skip_batches: int):
+        sampler = data_lib.ResumableSampler(len(dataset), world, rank, cfg.seed, epoch, skip_batches * cfg.batch_size)
+        return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                           num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+
+    # 5) Train.
+    if master:
+        os.makedirs(cfg.out, exist_ok=True)
+    log_path = os.path.join(cfg.out, "log.jsonl")
+    last = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps
+    bar = tqdm(total=last, initial=step, disable=not master, desc="pretrain", dynamic_ncols=True)
+    encoder.train()
+    bad_images, t_log, images_since, ips = 0, time.time(), 0, 0.0
+    epoch = step // steps_per_epoch
+
+    def save(periodic: bool):
+        if not master:
+            return
+        ckpt = make_checkpoint(cfg, comps, encoder, opt, sched, step)
+        atomic_save(ckpt, os.path.join(cfg.out, "encoder.pt"))
+        if periodic:
+            atomic_save(ckpt, os.path.join(cfg.out, f"encoder_{step:07d}.pt"))
+
+    def report_bad(epoch: int):
+        n = torch.tensor([bad_images], device=device)
+        if world > 1:
+            dist.all_reduce(n)
+        if master and n.item():
+            print(f"epoch {epoch}: skipped {n.item()} unreadable image(s)", file=sys.stderr)
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"event": "epoch_end", "epoch": epoch, "step": step, "bad_images": int(n.item())}) + "\n")
+
+    try:
+        while step < last:
+            epoch, pos = divmod(step, steps_per_epoch)
+            for batch in loader(epoch, pos):
+                terms = pretrain_losses(cfg, comps, model_ddp, batch, step_seed(cfg, step, rank), world, rank)
+                opt.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.grad_clip)
+                opt.step()
+                sched.step()
+                step += 1
+                bad_images += int(batch["bad"].sum())
+                images_since += cfg.batch_size * world
+                bar.update(1)
+                if master:
+                    bar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()})
+                if step % cfg.log_every == 0 or step == last:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    ips = images_since / max(1e-9, time.time() - t_log)
+                    t_log, images_since = time.time(), 0
+                    if master:
+                        rec = {"step": step, **{k: round(v.item(), 6) for k, v in terms.items()},
+                               "lr": sched.get_last_lr()[0], "images_per_s": round(ips, 3),
+                               "peak_gb": round(peak_memory_gb(device), 3)}
+                        with open(log_path, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                if step % cfg.save_every == 0:
+                    save(periodic=True)
+                if step >= last:
+                    break
+            else:  # a full epoch ended
+                report_bad(epoch)
+                bad_images = 0
+        save(periodic=False)
+    except KeyboardInterrupt:
+        if master:
+            print(f"\ninterrupted: saving step {step} to {cfg.out}/encoder.pt", file=sys.stderr)
+        save(periodic=False)
+        raise SystemExit(130)
+    finally:
+        bar.close()
+    report_bad(epoch)
+
+    # 6) Check that the ranks agree, and report.
+    checksum = torch.stack([sum(p.detach().double().sum() for p in encoder.parameters()),
+                            sum(p.detach().double().pow(2).sum() for p in encoder.parameters())]).to(device)
+    sums = [torch.zeros_like(checksum) for _ in range(world)]
+    if world > 1:
+        dist.all_gather(sums, checksum)
+    else:
+        sums = [checksum]
+    if master:
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"event": "done", "step": step, "world_size": world,
+                                "param_checksums": [s.tolist() for s in sums]}) + "\n")
+        if cfg.benchmark:
+            print(json.dumps({"what": "pretrain", "preset": cfg.preset, "device": _device_name(device),
+                              "world_size": world, "batch_size": cfg.batch_size, "steps": step,
+                              "images_per_s": round(ips, 3), "peak_gb": round(peak_memory_gb(device), 3),
+                              "encoder_params": model.count_parameters(encoder)}))
+    return encoder
+
+
+def _device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+if __name__ == "__main__":
+    cfg = parse_args()
+    if cfg.data is None and cfg.openimages is None:
+        fail("give --data DIR, --data synthetic, or --openimages DIR")
+    for flag, val in (("--steps", cfg.steps), ("--batch-size", cfg.batch_size), ("--save-every", cfg.save_every),
+                      ("--log-every", cfg.log_every)):
+        if val <= 0:
+            fail(f"{flag} must be positive, got {val}")
+    try:
+        main(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e).splitlines()[0])
