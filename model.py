@@ -551,3 +551,74 @@ def noisy_latents(scheduler, z0: torch.Tensor, generator: torch.Generator | None
     z_t = scheduler.add_noise(z0, noise, t)
     target = scheduler.get_velocity(z0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
     return z_t, t, noise, target
+
+
+# ----------------------------------------------------------------------------------------
+# Concept files (DESIGN.md §7): what tune.py writes and sample.py / evaluate.py read
+
+CONCEPT_FORMAT = "date-concept-v1"
+
+
+def load_concept(path: str) -> dict:
+    """Load a concept file (weights_only) and check that it is ours. Raises ValueError."""
+    try:
+        concept = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # not a torch file, or one holding arbitrary objects
+        raise ValueError(f"{path} is not a concept file written by tune.py ({e.__class__.__name__})") from None
+    if not isinstance(concept, dict) or concept.get("format") != CONCEPT_FORMAT:
+        raise ValueError(f"{path} is not a concept file written by tune.py")
+    return concept
+
+
+def concept_lora(concept: dict, device=None, dtype=None) -> dict:
+    """{module path: (A (1, D_in, r), B (1, r, D_out))} from a concept, ready for dual_path_kwargs."""
+    return {
+        name: (A[None].to(device=device, dtype=dtype), concept["lora_B"][name][None].to(device=device, dtype=dtype))
+        for name, A in concept["lora_A"].items()
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# Small helpers the scripts share (precision, memory, safe writes)
+
+
+def frozen_dtype(device) -> torch.dtype:
+    """Frozen weights: bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def peak_memory_gb(device) -> float:
+    """Peak GPU memory allocated by torch, or on CPU the process's peak resident memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports kB
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temp file beside `path`, then rename: never a half-written file."""
+    import os
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

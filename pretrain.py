@@ -24,7 +24,6 @@ import json
 import math
 import os
 import random
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -91,12 +90,6 @@ def fail(msg: str):
     sys.exit(2)
 
 
-def atomic_save(obj, path: str):
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def lr_lambda(cfg: Config):
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -105,19 +98,6 @@ def lr_lambda(cfg: Config):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return f
-
-
-def peak_memory_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: kB -> GB (host RSS)
-
-
-def frozen_dtype(device) -> torch.dtype:
-    """Frozen weights: bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def gather_negatives(v: torch.Tensor, world: int, rank: int):
@@ -240,7 +220,7 @@ def main(cfg: Config):
 
 def _train(cfg: Config, device, rank: int, world: int, master: bool):
     # 2) Frozen parts and the trainable encoder.
-    comps = model.load_components(cfg.preset, device=device, dtype=frozen_dtype(device), base=cfg.base, clip=cfg.clip)
+    comps = model.load_components(cfg.preset, device=device, dtype=model.frozen_dtype(device), base=cfg.base, clip=cfg.clip)
     names = dualpath.install_dual_path(comps.unet)
     if cfg.grad_checkpointing:
         comps.unet.enable_gradient_checkpointing()
@@ -297,9 +277,9 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
         if not master:
             return
         ckpt = make_checkpoint(cfg, comps, encoder, opt, sched, step)
-        atomic_save(ckpt, os.path.join(cfg.out, "encoder.pt"))
+        model.atomic_save(ckpt, os.path.join(cfg.out, "encoder.pt"))
         if periodic:
-            atomic_save(ckpt, os.path.join(cfg.out, f"encoder_{step:07d}.pt"))
+            model.atomic_save(ckpt, os.path.join(cfg.out, f"encoder_{step:07d}.pt"))
 
     def report_bad(epoch: int):
         n = torch.tensor([bad_images], device=device)
@@ -335,7 +315,7 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
                     if master:
                         rec = {"step": step, **{k: round(v.item(), 6) for k, v in terms.items()},
                                "lr": sched.get_last_lr()[0], "images_per_s": round(ips, 3),
-                               "peak_gb": round(peak_memory_gb(device), 3)}
+                               "peak_gb": round(model.peak_memory_gb(device), 3)}
                         with open(log_path, "a") as f:
                             f.write(json.dumps(rec) + "\n")
                 if step % cfg.save_every == 0:
@@ -368,15 +348,11 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
             f.write(json.dumps({"event": "done", "step": step, "world_size": world,
                                 "param_checksums": [s.tolist() for s in sums]}) + "\n")
         if cfg.benchmark:
-            print(json.dumps({"what": "pretrain", "preset": cfg.preset, "device": _device_name(device),
+            print(json.dumps({"what": "pretrain", "preset": cfg.preset, "device": model.device_name(device),
                               "world_size": world, "batch_size": cfg.batch_size, "steps": step,
-                              "images_per_s": round(ips, 3), "peak_gb": round(peak_memory_gb(device), 3),
+                              "images_per_s": round(ips, 3), "peak_gb": round(model.peak_memory_gb(device), 3),
                               "encoder_params": model.count_parameters(encoder)}))
     return encoder
-
-
-def _device_name(device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,237 @@
+"""
+sample.py -- text-to-image with a concept file: prompts that mention S*.
+
+Builds diffusers' StableDiffusionPipeline (DDIM, 50 steps, CFG 7.5) around the dual-path
+attention processors (Eq. 5) and the concept's per-layer LoRA (Eq. 2). The prompt is encoded
+twice: C with the soft token v* at S*, and C_h with its nearest real token (Sec. 4.3); the
+pipeline gets C as prompt_embeds, and C_h, the LoRA and alpha_blend via cross_attention_kwargs.
+With classifier-free guidance the unconditional half uses the negative prompt on both paths.
+
+    python sample.py --prompt "a photo of S* on the beach"                 # concept.pt, sd15
+    python sample.py --concept concept.pt --prompt "a photo of S* in the gladiator movie" --seed 1
+    python sample.py --concept none --preset tiny --prompt "a photo of a dog"   # plain SD
+    python sample.py --concept concept.pt --prompt "a photo of S*" --num-images 4 --benchmark [--compile]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+import dualpath
+import model
+
+
+@dataclass
+class Config:
+    prompt: str = ""  # must mention the placeholder (S*) to use the concept's word
+    concept: str = "concept.pt"  # tune.py output, or "none" = plain Stable Diffusion
+    negative_prompt: str = ""
+    num_images: int = 4
+    steps: int = 50  # DDIM steps
+    guidance: float = 7.5  # classifier-free guidance scale
+    seed: int = 0  # image i uses seed + i, so the same seed gives the same pixels
+    alpha_blend: float | None = None  # Eq. (5) alpha; default: the one stored in the concept file
+    out: str = "samples"  # folder for the PNGs and the grid
+    preset: str | None = None  # default: the concept's preset (sd15 for --concept none)
+    base: str | None = None  # sd15: SD 1.5 hub id or folder (default: the concept's)
+    device: str | None = None  # default: cuda if available, else cpu
+    compile: bool = False  # torch.compile the UNet (processors included); warm-up not timed
+    benchmark: bool = False  # also time plain SD in the same run; end with one JSON line
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2."""
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            typ = {"int": int, "float": float, "float | None": float}.get(f.type, str)
+            p.add_argument(flag, type=typ, default=f.default, required=f.name == "prompt",
+                           choices=model.PRESETS if f.name == "preset" else None)
+    return Config(**vars(p.parse_args(argv)))
+
+
+def build_pipeline(comps, steps_offset: int = 1):
+    """StableDiffusionPipeline over these components with a DDIM scheduler, no safety checker."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler.from_config(comps.noise_scheduler.config, set_alpha_to_one=False, steps_offset=steps_offset)
+    pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
+                                   unet=comps.unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(leave=False, desc="denoising")
+    return pipe
+
+
+_warned_no_placeholder = False
+
+
+@torch.no_grad()
+def generate(pipe, comps, concept: dict | None, prompt: str, negative_prompt: str = "", num_images: int = 4,
+             steps: int = 50, guidance: float = 7.5, seed: int = 0, alpha_blend: float | None = None,
+             output_type: str = "pil"):
+    """Images for one prompt. concept=None: plain Stable Diffusion (the prompt goes to the
+    pipeline as a string). Image i uses generator seed + i. The plain function behind sample.py."""
+    global _warned_no_placeholder
+    device = comps.token_table.device
+    gens = [torch.Generator(device).manual_seed(seed + i) for i in range(num_images)]
+    common = dict(num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type=output_type,
+                  height=comps.cfg.resolution, width=comps.cfg.resolution)
+    if concept is None:
+        return pipe(prompt=[prompt] * num_images, negative_prompt=[negative_prompt] * num_images, **common).images
+
+    ph = concept["placeholder"]
+    if ph not in prompt and not _warned_no_placeholder:
+        warnings.warn(f"the prompt does not mention {ph}: the concept's word is unused (its LoRA still applies)")
+        _warned_no_placeholder = True
+    te, tok = comps.text_encoder, comps.tokenizer
+    v = concept["v_star"].to(device)[None]  # (1, D)
+    C = model.encode_prompt(te, tok, [prompt] * num_images, v_star=v, placeholder=ph)  # (n, 77, D) soft
+    C_h = model.encode_prompt(te, tok, [prompt] * num_images, hard_ids=torch.tensor([concept["token_id"]]), placeholder=ph)
+    neg = model.encode_prompt(te, tok, [negative_prompt] * num_images, placeholder=ph)  # uncond, both paths
+    dtype = next(comps.unet.parameters()).dtype
+    hard = torch.cat([neg, C_h]) if guidance > 1 else C_h  # the pipeline's CFG batch is [uncond; cond]
+    alpha = concept["alpha_blend"] if alpha_blend is None else alpha_blend
+    kw = dualpath.dual_path_kwargs(model.concept_lora(concept, device, dtype), hard.to(dtype), alpha=alpha,
+                                   lora_scale=concept["lora_scale"])
+    return pipe(prompt_embeds=C.to(dtype), negative_prompt_embeds=neg.to(dtype), cross_attention_kwargs=kw, **common).images
+
+
+def slug(text: str, n: int = 60) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower().replace("*", "x")).strip("-")[:n] or "prompt"
+
+
+def grid(images):
+    """Side-by-side grid of PIL images (up to 4 per row)."""
+    from PIL import Image
+
+    cols = min(4, len(images))
+    rows = (len(images) + cols - 1) // cols
+    w, h = images[0].size
+    g = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, im in enumerate(images):
+        g.paste(im, ((i % cols) * w, (i // cols) * h))
+    return g
+
+
+def save_png(image, path: str):
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_config(cfg: Config):
+    if not cfg.prompt.strip():
+        raise UserError("--prompt must not be empty")
+    if cfg.steps <= 0:
+        raise UserError(f"--steps must be positive, got {cfg.steps}")
+    if cfg.num_images <= 0:
+        raise UserError(f"--num-images must be positive, got {cfg.num_images}")
+    if cfg.alpha_blend is not None and not 0.0 <= cfg.alpha_blend <= 1.0:
+        raise UserError(f"--alpha-blend must be in [0, 1], got {cfg.alpha_blend}")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UserError(f"--out {cfg.out} exists and is not a folder")
+
+
+def load_concept_checked(cfg: Config):
+    """(concept or None, preset) with one-line errors."""
+    if cfg.concept.lower() == "none":
+        return None, cfg.preset or "sd15"
+    if not os.path.isfile(cfg.concept):
+        raise UserError(f"no concept file at {cfg.concept}; make one with `python tune.py --image IMG --out {cfg.concept}`")
+    try:
+        concept = model.load_concept(cfg.concept)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg.preset and cfg.preset != concept["preset"]:
+        raise UserError(f"{cfg.concept} was tuned for preset {concept['preset']!r}, not {cfg.preset!r}")
+    return concept, concept["preset"]
+
+
+def main(cfg: Config):
+    # 1) Check the inputs before loading anything heavy.
+    check_config(cfg)
+    concept, preset = load_concept_checked(cfg)
+    device = torch.device(cfg.device) if cfg.device else model.default_device()
+    base = cfg.base or (concept or {}).get("base") or model.SD15_BASE
+
+    # 2) Frozen parts (no image tower needed), dual-path processors, the pipeline.
+    comps = model.load_components(preset, device=device, dtype=model.frozen_dtype(device), base=base, with_image_encoder=False)
+    names = dualpath.install_dual_path(comps.unet)
+    if concept is not None and set(concept["lora_A"]) - set(names):
+        raise UserError(f"{cfg.concept} does not match this UNet's attention layers")
+    pipe = build_pipeline(comps)
+    if cfg.compile:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        pipe.unet = torch.compile(comps.unet, mode=mode)
+    args = dict(negative_prompt=cfg.negative_prompt, num_images=cfg.num_images, steps=cfg.steps, guidance=cfg.guidance,
+                alpha_blend=cfg.alpha_blend)
+    if cfg.compile:  # warm-up (compilation, graph capture) is not counted
+        generate(pipe, comps, concept, cfg.prompt, **{**args, "steps": 2}, seed=cfg.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # 3) Generate.
+    _sync(device)
+    t0 = time.perf_counter()
+    images = generate(pipe, comps, concept, cfg.prompt, **args, seed=cfg.seed)
+    _sync(device)
+    s_per_image = (time.perf_counter() - t0) / cfg.num_images
+
+    # 4) Write PNGs (atomically) and a grid.
+    os.makedirs(cfg.out, exist_ok=True)
+    stem = f"{slug(cfg.prompt)}_s{cfg.seed}"
+    for i, im in enumerate(images):
+        save_png(im, os.path.join(cfg.out, f"{stem}_{i:02d}.png"))
+    save_png(grid(images), os.path.join(cfg.out, f"{stem}_grid.png"))
+    print(f"wrote {len(images)} images and {stem}_grid.png to {cfg.out}/ ({s_per_image:.3f} s/image, "
+          f"{model.device_name(device)})", file=sys.stderr)
+
+    if cfg.benchmark:
+        # Plain SD, same prompt with the concept's real token, same run, same settings.
+        plain_prompt = cfg.prompt.replace(concept["placeholder"], concept["token"]) if concept else cfg.prompt
+        if cfg.compile:
+            generate(pipe, comps, None, plain_prompt, **{**args, "steps": 2}, seed=cfg.seed)
+        _sync(device)
+        t1 = time.perf_counter()
+        generate(pipe, comps, None, plain_prompt, **args, seed=cfg.seed)
+        _sync(device)
+        plain = (time.perf_counter() - t1) / cfg.num_images
+        print(json.dumps({"what": "sample", "preset": preset, "device": model.device_name(device),
+                          "num_images": cfg.num_images, "steps": cfg.steps, "compile": cfg.compile,
+                          "s_per_image": round(s_per_image, 4), "plain_s_per_image": round(plain, 4),
+                          "ratio": round(s_per_image / plain, 3), "peak_gb": round(model.peak_memory_gb(device), 3)}))
+    return images
+
+
+def cli(argv=None) -> int:
+    """Command-line entry: bad input -> one line on stderr and exit code 2, never a traceback."""
+    try:
+        main(parse_args(argv))
+    except UserError as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

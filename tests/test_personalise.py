@@ -1,0 +1,242 @@
+"""tune.py + sample.py: tuning lowers held-out loss, concept files, dual path adds nothing at B=0,
+determinism, and one-line errors with exit code 2 for bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import dualpath
+import model
+import pretrain
+import sample
+import tune
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE = os.path.join(ROOT, "examples", "concept.png")
+
+
+def _tune(comps, names, steps=12, batch_size=4, seed=0, image=IMAGE, **kw):
+    cfg = tune.Config(image=image, encoder="random", preset="tiny", steps=steps, batch_size=batch_size, seed=seed, **kw)
+    enc = tune.build_tuning_encoder(None, comps, names, seed=0)
+    return tune.tune_concept(comps, enc, data.load_image(image), cfg, log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def concept(tiny):
+    comps, names = tiny
+    return _tune(comps, names, steps=2, batch_size=2)[0]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny):
+    return sample.build_pipeline(tiny[0])
+
+
+def test_twelve_tuning_steps_lower_the_denoising_loss_on_a_held_out_batch(tiny):
+    comps, names = tiny
+    img = data.load_image(IMAGE)
+    held_out = tune.view_latents(comps, img, 8, seed=12345)  # other augmentations than tuning saw
+    raw, _ = _tune(comps, names, steps=0)
+    tuned, stats = _tune(comps, names, steps=12)
+    before = sum(tune.concept_denoise_loss(comps, raw, held_out, seed=s) for s in range(5)) / 5
+    after = sum(tune.concept_denoise_loss(comps, tuned, held_out, seed=s) for s in range(5)) / 5
+    # Measured on CPU (tiny, random encoder, batch 4): 1.1216 -> 1.1123 (-0.83%).
+    assert after < before * 0.997, (before, after)
+    assert len(stats["losses"]) == 12
+    assert not torch.equal(raw["v_star"], tuned["v_star"])
+
+
+def test_steps_zero_writes_the_raw_encoder_prediction(tiny):
+    comps, names = tiny
+    raw, stats = _tune(comps, names, steps=0)
+    enc = tune.build_tuning_encoder(None, comps, names, seed=0)
+    again, _ = tune.tune_concept(comps, enc, data.load_image(IMAGE), tune.Config(image=IMAGE, encoder="random", steps=0), log=lambda s: None)
+    assert torch.equal(raw["v_star"], again["v_star"])
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in raw["lora_B"].values())  # B head starts at zero
+    assert raw["final_loss"] is None and stats["losses"] == []
+
+
+def test_concept_file_round_trip_and_size(tmp_path, tiny, concept):
+    comps, names = tiny
+    path = tmp_path / "c.pt"
+    model.atomic_save(concept, str(path))
+    back = model.load_concept(str(path))  # weights_only=True inside
+    assert {"format", "placeholder", "v_star", "token_id", "token", "lora_A", "lora_B", "rank", "lora_scale",
+            "alpha_blend", "preset", "base", "tuning", "final_loss"} <= set(back)
+    assert back["placeholder"] == "S*" and back["preset"] == "tiny" and back["alpha_blend"] == 0.25
+    assert set(back["lora_A"]) == set(names) and back["v_star"].shape == (comps.cfg.token_dim,)
+    assert torch.load(str(path), weights_only=True)["token_id"] == concept["token_id"]
+    assert os.path.getsize(path) < 200_000
+
+
+def test_sd15_concept_file_is_well_under_5_mb(tmp_path, sd15_meta):
+    names = dualpath.lora_layer_names(sd15_meta.unet)
+    shapes = model.lora_shapes(sd15_meta.unet, names)
+    r = model.preset_config("sd15").lora_rank
+    concept = {"format": model.CONCEPT_FORMAT, "v_star": torch.zeros(768),
+               "lora_A": {n: torch.zeros(din, r) for n, (din, _) in zip(names, shapes)},
+               "lora_B": {n: torch.zeros(r, dout) for n, (_, dout) in zip(names, shapes)}}
+    model.atomic_save(concept, str(tmp_path / "sd15.pt"))
+    size = os.path.getsize(tmp_path / "sd15.pt")
+    assert size < 3_000_000, size  # ~2.4 MB: 96 layers x rank 4 in fp32, never a UNet (3.4 GB)
+
+
+def test_b_zero_and_real_token_v_star_sample_equals_plain_sd_with_hard_prompt(tiny, concept, pipe):
+    comps, _ = tiny
+    dog = 1929
+    c = dict(concept, v_star=comps.token_table[dog].detach().clone(), token_id=dog, token="dog",
+             lora_B={k: torch.zeros_like(b) for k, b in concept["lora_B"].items()})
+    plain = sample.generate(pipe, comps, None, "a photo of dog on the beach", num_images=2, steps=4, seed=3, output_type="np")
+    for alpha in (0.0, 0.25, 1.0):
+        ours = sample.generate(pipe, comps, c, "a photo of S* on the beach", num_images=2, steps=4, seed=3,
+                               alpha_blend=alpha, output_type="np")
+        assert np.abs(ours - plain).max() < 1e-4, alpha
+    # ... whereas the tuned concept's LoRA does change the picture.
+    tuned = sample.generate(pipe, comps, dict(c, lora_B=concept["lora_B"], v_star=concept["v_star"]),
+                            "a photo of S* on the beach", num_images=2, steps=4, seed=3, output_type="np")
+    assert np.abs(tuned - plain).max() > 1e-3
+
+
+def test_same_seed_same_pixels_other_seed_or_concept_differs(tmp_path, tiny, concept, pipe):
+    comps, names = tiny
+    kw = dict(num_images=2, steps=3, output_type="np")
+    a = sample.generate(pipe, comps, concept, "a photo of S*", seed=5, **kw)
+    b = sample.generate(pipe, comps, concept, "a photo of S*", seed=5, **kw)
+    c = sample.generate(pipe, comps, concept, "a photo of S*", seed=6, **kw)
+    other = _tune(comps, names, steps=2, batch_size=2, seed=1, image=_other_image(tmp_path))[0]
+    d = sample.generate(pipe, comps, other, "a photo of S*", seed=5, **kw)
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3 and np.abs(a - d).max() > 1e-3
+
+
+def _other_image(tmp_path):
+    p = str(tmp_path / "other.png")
+    data.synthetic_image(11, size=128).save(p)
+    return p
+
+
+def test_sample_cli_writes_pngs_and_grid_and_benchmark_json(tmp_path, concept, capsys):
+    cpath = str(tmp_path / "c.pt")
+    model.atomic_save(concept, cpath)
+    out = tmp_path / "imgs"
+    args = ["--concept", cpath, "--prompt", "a photo of S* on the beach", "--num-images", "2", "--steps", "3",
+            "--seed", "7", "--out", str(out), "--benchmark", "--device", "cpu"]
+    assert sample.cli(args) == 0
+    files = sorted(os.listdir(out))
+    assert files == ["a-photo-of-sx-on-the-beach_s7_00.png", "a-photo-of-sx-on-the-beach_s7_01.png",
+                     "a-photo-of-sx-on-the-beach_s7_grid.png"]
+    assert Image.open(out / files[2]).size == (64, 32)
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["what"] == "sample" and rec["preset"] == "tiny" and rec["device"] == "cpu"
+    assert rec["s_per_image"] > 0 and rec["plain_s_per_image"] > 0 and rec["peak_gb"] > 0
+    # Same seed from the command line: the same pixels.
+    first = np.asarray(Image.open(out / files[0]))
+    assert sample.cli(args[:-3]) == 0
+    assert np.array_equal(first, np.asarray(Image.open(out / files[0])))
+
+
+def test_tune_cli_benchmark_json_and_concept(tmp_path, capsys):
+    out = tmp_path / "c.pt"
+    rc = tune.cli(["--image", IMAGE, "--encoder", "random", "--preset", "tiny", "--steps", "2", "--batch-size", "2",
+                   "--out", str(out), "--benchmark", "--device", "cpu"])
+    assert rc == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"what", "preset", "device", "steps", "batch_size", "encoder_s", "tune_loop_s", "total_s", "peak_gb"} <= set(rec)
+    assert rec["what"] == "tune" and rec["steps"] == 2 and rec["batch_size"] == 2
+    assert 0 < rec["tune_loop_s"] < rec["total_s"] and rec["peak_gb"] > 0
+    assert model.load_concept(str(out))["tuning"]["steps"] == 2
+
+
+def test_tune_reads_the_preset_from_a_pretrain_checkpoint(tmp_path):
+    cfg = pretrain.Config(preset="tiny", data="synthetic", out=str(tmp_path / "run"), steps=1, batch_size=2,
+                          num_workers=0, warmup_steps=1)
+    pretrain.main(cfg)
+    out = tmp_path / "c.pt"
+    assert tune.cli(["--image", IMAGE, "--encoder", str(tmp_path / "run" / "encoder.pt"), "--steps", "1",
+                     "--batch-size", "2", "--out", str(out), "--device", "cpu"]) == 0
+    assert model.load_concept(str(out))["preset"] == "tiny"
+    # Asking for another preset than the checkpoint's is an error.
+    assert tune.cli(["--image", IMAGE, "--encoder", str(tmp_path / "run" / "encoder.pt"), "--preset", "sd15-arch",
+                     "--out", str(tmp_path / "x.pt")]) == 2
+    assert not (tmp_path / "x.pt").exists()
+
+
+# ---------------------------------------------------------------- bad input: exit 2, no file
+
+
+def _bad_files(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image at all")
+    (tmp_path / "trunc.png").write_bytes(open(IMAGE, "rb").read()[:400])
+    torch.save({"hello": torch.zeros(2)}, tmp_path / "notours.pt")
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "text", "trunc", "no_encoder", "bad_encoder", "neg_steps",
+                                  "zero_batch"])
+def test_tune_bad_input_exits_2_and_writes_nothing(tmp_path, case, capsys):
+    d = _bad_files(tmp_path)
+    out = d / "concept.pt"
+    args = {"missing": ["--image", str(d / "nope.jpg"), "--encoder", "random"],
+            "empty": ["--image", str(d / "empty.jpg"), "--encoder", "random"],
+            "text": ["--image", str(d / "text.png"), "--encoder", "random"],
+            "trunc": ["--image", str(d / "trunc.png"), "--encoder", "random"],
+            "no_encoder": ["--image", IMAGE, "--encoder", str(d / "runs" / "encoder.pt")],
+            "bad_encoder": ["--image", IMAGE, "--encoder", str(d / "notours.pt")],
+            "neg_steps": ["--image", IMAGE, "--encoder", "random", "--steps", "-1"],
+            "zero_batch": ["--image", IMAGE, "--encoder", "random", "--batch-size", "0"]}[case]
+    assert tune.cli(args + ["--preset", "tiny", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tune.py: error:") and "Traceback" not in "\n".join(err)
+    assert not out.exists()
+    if case == "no_encoder":
+        assert "pretrain.py" in err[-1]  # says how to make one
+
+
+def test_tune_failure_does_not_clobber_an_existing_concept(tmp_path):
+    out = tmp_path / "concept.pt"
+    out.write_bytes(b"previous")
+    assert tune.cli(["--image", str(tmp_path / "nope.png"), "--encoder", "random", "--preset", "tiny", "--out", str(out)]) == 2
+    assert out.read_bytes() == b"previous" and os.listdir(tmp_path) == ["concept.pt"]
+
+
+@pytest.mark.parametrize("case", ["missing_concept", "not_ours", "other_preset", "empty_prompt", "neg_steps", "zero_images"])
+def test_sample_bad_input_exits_2_and_writes_nothing(tmp_path, case, concept, capsys):
+    d = _bad_files(tmp_path)
+    good = str(d / "c.pt")
+    model.atomic_save(concept, good)
+    out = d / "samples"
+    args = {"missing_concept": ["--concept", str(d / "nope.pt"), "--prompt", "a photo of S*"],
+            "not_ours": ["--concept", str(d / "notours.pt"), "--prompt", "a photo of S*"],
+            "other_preset": ["--concept", good, "--preset", "sd15", "--prompt", "a photo of S*"],
+            "empty_prompt": ["--concept", good, "--prompt", "   "],
+            "neg_steps": ["--concept", good, "--prompt", "a photo of S*", "--steps", "-3"],
+            "zero_images": ["--concept", good, "--prompt", "a photo of S*", "--num-images", "0"]}[case]
+    assert sample.cli(args + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("sample.py: error:")
+    assert not out.exists()
+
+
+def test_prompt_without_placeholder_warns_once_and_still_works(tiny, concept, pipe):
+    comps, _ = tiny
+    sample._warned_no_placeholder = False
+    with pytest.warns(UserWarning, match="does not mention"):
+        imgs = sample.generate(pipe, comps, concept, "a photo of a cat", num_images=1, steps=2)
+    assert len(imgs) == 1
+
+
+def test_real_processes_exit_2_without_traceback(tmp_path):
+    for cmd in (["tune.py", "--image", str(tmp_path / "nope.jpg"), "--encoder", "random", "--preset", "tiny"],
+                ["sample.py", "--concept", str(tmp_path / "nope.pt"), "--prompt", "a photo of S*"]):
+        cmd[0] = os.path.join(ROOT, cmd[0])
+        r = subprocess.run([sys.executable] + cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,302 @@
+"""
+tune.py -- personalise Stable Diffusion to one photo: one encoder forward, then <= 12 steps.
+
+Sec. 4.4 and Sec. 5.1 ("Inference-tuning Phase"):
+  1) one forward pass of the pre-trained tuning-encoder gives v0 (the word embedding of S*)
+     and A0, B0 (a LoRA offset for each of the 96 q/k/v projections, Eq. 2);
+  2) a short LoRA-tuning run from that initialisation (lr 2e-3, alpha_blend 0.25, <= 12 steps)
+     with the denoising loss Eq. (1) through the dual-path UNet (Eq. 5), plus an L2 term that
+     keeps v, A, B close to the encoder's prediction (Sec. 4.4). The hard token follows v.
+The result is a small concept file (DESIGN.md §7), never a whole UNet.
+
+    python tune.py --image x.jpg --out concept.pt                    # sd15, real weights
+    python tune.py --preset tiny --encoder random --image examples/concept.png --out concept.pt
+    python tune.py --preset sd15-arch --encoder random --image examples/concept.png \
+        --batch-size 16 --steps 12 --benchmark                        # GPU speed/memory figures
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import data as data_lib
+import dualpath
+import losses
+import model
+import pretrain
+
+
+@dataclass
+class Config:
+    image: str = ""  # the one photo of the concept (required)
+    out: str = "concept.pt"  # the concept file to write
+    encoder: str = "runs/pretrain/encoder.pt"  # pretrain.py checkpoint, or "random" (untrained; smoke runs)
+    preset: str | None = None  # default: the one recorded in the encoder checkpoint (sd15 for random)
+    steps: int = 12  # Sec. 5.1: "up to 12 optimization steps"; 0 = the raw encoder prediction
+    lr: float = 2e-3  # Sec. 5.1
+    batch_size: int = 16  # augmented views per step (E4T's recommended minimum, Sec. 4.4)
+    alpha_blend: float = 0.25  # Eq. (5), Sec. 5.1
+    lambda_anchor: float = 0.01  # Sec. 4.4 L2 to the encoder's prediction (the paper gives no value)
+    encoder_timestep: int = 500  # t of the noisy latent fed to the encoder's UNet branch (one forward)
+    hypernet: bool = True  # False: LoRA starts at zero (A random, B = 0), only v0 comes from the encoder
+    placeholder: str = model.PLACEHOLDER  # the word that stands for the concept in prompts
+    seed: int = 0
+    grad_checkpointing: bool | None = None  # default: on for CUDA (lower peak memory), off on CPU
+    device: str | None = None  # default: cuda if available, else cpu
+    base: str = model.SD15_BASE  # sd15 only: SD 1.5 hub id or folder
+    clip: str = model.SD15_CLIP[1]  # sd15 only: open_clip tag or file for ViT-H-14
+    benchmark: bool = False  # end with one JSON line of timings and peak memory
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2."""
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", "bool | None"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            typ = {"int": int, "float": float}.get(f.type, str)
+            p.add_argument(flag, type=typ, default=f.default, required=f.name == "image",
+                           choices=model.PRESETS if f.name == "preset" else None)
+    return Config(**vars(p.parse_args(argv)))
+
+
+def check_config(cfg: Config):
+    if cfg.steps < 0:
+        raise UserError(f"--steps must be >= 0, got {cfg.steps}")
+    if cfg.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {cfg.batch_size}")
+    if not 0.0 <= cfg.alpha_blend <= 1.0:
+        raise UserError(f"--alpha-blend must be in [0, 1], got {cfg.alpha_blend}")
+    if not cfg.placeholder.strip():
+        raise UserError("--placeholder must not be empty")
+
+
+def load_encoder_checkpoint(cfg: Config):
+    """(checkpoint or None for 'random', preset) -- with one-line errors for the usual mistakes."""
+    if cfg.encoder == "random":
+        print("tune.py: warning: --encoder random: an untrained encoder (smoke runs and ablations only)", file=sys.stderr)
+        return None, cfg.preset or "sd15"
+    if not os.path.isfile(cfg.encoder):
+        raise UserError(f"no encoder checkpoint at {cfg.encoder}; train one with `python pretrain.py --data DIR "
+                        f"--out {os.path.dirname(cfg.encoder) or '.'}` or pass --encoder random")
+    try:
+        ckpt = pretrain.load_checkpoint(cfg.encoder)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    except Exception as e:
+        raise UserError(f"{cfg.encoder} is not an encoder checkpoint written by pretrain.py ({e.__class__.__name__})") from None
+    preset = cfg.preset or ckpt["preset"]
+    if preset != ckpt["preset"]:
+        raise UserError(f"the encoder checkpoint {cfg.encoder} is for preset {ckpt['preset']!r}, not {preset!r}")
+    return ckpt, preset
+
+
+def build_tuning_encoder(ckpt, comps, names, seed: int) -> model.TuningEncoder:
+    if ckpt is None:
+        torch.manual_seed(seed)
+        return model.build_encoder(comps, names)
+    return pretrain.encoder_from_checkpoint(ckpt, comps)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def concept_denoise_loss(comps, concept: dict, latents: torch.Tensor, seed: int, alpha: float | None = None) -> float:
+    """Eq. (1) of a concept on given clean latents, with noise, t and prompts fixed by `seed`.
+
+    Used to compare concepts on a held-out batch (tests, diagnostics). No gradients.
+    """
+    device = comps.token_table.device
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        z_t, t, _, target = model.noisy_latents(comps.noise_scheduler, latents.to(device), g)
+        prompts = data_lib.make_prompts(len(latents), random.Random(seed), concept["placeholder"])
+        v = concept["v_star"].to(device)[None]
+        ids = torch.tensor([concept["token_id"]], device=device)
+        C = model.encode_prompt(comps.text_encoder, comps.tokenizer, prompts, v_star=v, placeholder=concept["placeholder"])
+        C_h = model.encode_prompt(comps.text_encoder, comps.tokenizer, prompts, hard_ids=ids, placeholder=concept["placeholder"])
+        kw = dualpath.dual_path_kwargs(model.concept_lora(concept, device), C_h,
+                                       alpha=concept["alpha_blend"] if alpha is None else alpha, lora_scale=concept["lora_scale"])
+        pred = comps.unet(z_t, t, encoder_hidden_states=C, cross_attention_kwargs=kw).sample
+        return losses.diffusion_loss(pred, target).item()
+
+
+def view_latents(comps, image, n: int, seed: int, augment: bool = True, chunk: int = 4) -> torch.Tensor:
+    """VAE latents of n views of one image (augmented with views seeded by `seed`), computed once."""
+    device = comps.token_table.device
+    rng = random.Random(seed)
+    views = [data_lib.make_views(image, comps.cfg.resolution, comps.cfg.clip_size, rng if augment else None)[0] for _ in range(n)]
+    g = torch.Generator(device).manual_seed(seed)
+    out = [model.vae_latents(comps.vae, torch.stack(views[i : i + chunk]).to(device), g) for i in range(0, n, chunk)]
+    return torch.cat(out).float()  # (n, 4, R/8, R/8)
+
+
+def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = False, log=print):
+    """One photo -> (concept dict, stats dict). The plain function behind `python tune.py`.
+
+    comps: model.Components (dual-path processors installed); encoder: TuningEncoder on the
+    same device; image: a PIL RGB image. release_backbone=True drops the CLIP image tower and
+    the encoder after the one forward pass (the tuning loop needs neither).
+    """
+    device = comps.token_table.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    t0 = time.perf_counter()
+    names = encoder.layer_names
+
+    # 1) One encoder forward on the centre view -> v0, A0, B0 (Sec. 4.4).
+    vae_view, clip_view = data_lib.make_views(image, comps.cfg.resolution, comps.cfg.clip_size, rng=None)
+    g = torch.Generator(device).manual_seed(cfg.seed)
+    z0 = model.vae_latents(comps.vae, vae_view[None].to(device), g).float()
+    t_enc = torch.tensor([cfg.encoder_timestep], device=device)
+    z_t, _, _, _ = model.noisy_latents(comps.noise_scheduler, z0, g, t=t_enc)
+    with torch.no_grad(), autocast:
+        v0, lora0 = model.encode(encoder, comps, clip_view[None].to(device), z_t, t_enc)
+    v0 = v0.float().detach()  # (1, D)
+    lora0 = {k: (A.float().detach(), B.float().detach()) for k, (A, B) in lora0.items()}
+    if not cfg.hypernet:  # ablation "no hypernetwork": plain LoRA init, A ~ N(0, 1/D_in), B = 0
+        gen = torch.Generator(device).manual_seed(cfg.seed + 1)
+        lora0 = {k: (torch.randn(A.shape, generator=gen, device=device) / A.shape[1] ** 0.5, torch.zeros_like(B))
+                 for k, (A, B) in lora0.items()}
+    if release_backbone:
+        comps.image_encoder = None
+        del encoder
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    _sync(device)
+    encoder_s = time.perf_counter() - t0
+
+    # 2) Latents of the augmented views, computed once.
+    latents = view_latents(comps, image, cfg.batch_size, cfg.seed + 2) if cfg.steps > 0 else None
+
+    # 3) <= 12 steps of AdamW on v, A, B only (Sec. 4.4), dual path with alpha (Eq. 5).
+    v = v0.clone().requires_grad_(True)
+    lora = {k: (A.clone().requires_grad_(True), B.clone().requires_grad_(True)) for k, (A, B) in lora0.items()}
+    params = [v] + [p for AB in lora.values() for p in AB]
+    anchors = [v0] + [p for AB in lora0.values() for p in AB]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    step_losses = []
+    _sync(device)
+    t1 = time.perf_counter()
+    for step in range(cfg.steps):
+        gstep = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+        z_t, t, _, target = model.noisy_latents(comps.noise_scheduler, latents, gstep)
+        prompts = data_lib.make_prompts(len(latents), random.Random(cfg.seed * 7_919 + step), cfg.placeholder)
+        hard_ids = model.nearest_tokens(v, comps.token_table, k=1)[0][:, 0]  # the hard token follows v
+        with autocast:
+            C = model.encode_prompt(comps.text_encoder, comps.tokenizer, prompts, v_star=v, placeholder=cfg.placeholder)
+            with torch.no_grad():
+                C_h = model.encode_prompt(comps.text_encoder, comps.tokenizer, prompts, hard_ids=hard_ids, placeholder=cfg.placeholder)
+            kw = dualpath.dual_path_kwargs(lora, C_h, alpha=cfg.alpha_blend, lora_scale=comps.cfg.lora_scale)
+            pred = comps.unet(z_t, t, encoder_hidden_states=C, cross_attention_kwargs=kw).sample  # Eq. (5)
+        diff = losses.diffusion_loss(pred, target)  # Eq. (1)
+        loss = diff + cfg.lambda_anchor * losses.anchor_l2(params, anchors)  # Sec. 4.4
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step_losses.append(loss.item())
+        log(f"step {step + 1}/{cfg.steps}  loss {step_losses[-1]:.5f}  (Eq. 1: {diff.item():.5f})")
+    _sync(device)
+    loop_s = time.perf_counter() - t1
+
+    # 4) The concept file's content (DESIGN.md §7).
+    v_final = v.detach()[0].cpu()
+    token_id = int(model.nearest_tokens(v_final[None], comps.token_table.cpu(), k=1)[0][0, 0])
+    concept = {
+        "format": model.CONCEPT_FORMAT,
+        "placeholder": cfg.placeholder,
+        "v_star": v_final.float(),
+        "token_id": token_id,
+        "token": comps.tokenizer.convert_ids_to_tokens(token_id).replace("</w>", ""),
+        "lora_A": {k: A.detach()[0].cpu().float().contiguous() for k, (A, _) in lora.items()},
+        "lora_B": {k: B.detach()[0].cpu().float().contiguous() for k, (_, B) in lora.items()},
+        "rank": comps.cfg.lora_rank,
+        "lora_scale": comps.cfg.lora_scale,
+        "alpha_blend": cfg.alpha_blend,
+        "preset": comps.preset,
+        "base": comps.base,
+        "layer_names": list(names),
+        "tuning": {"steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed,
+                   "lambda_anchor": cfg.lambda_anchor, "hypernet": cfg.hypernet, "encoder": cfg.encoder,
+                   "image": os.path.basename(cfg.image) if cfg.image else ""},
+        "first_loss": step_losses[0] if step_losses else None,
+        "final_loss": step_losses[-1] if step_losses else None,
+    }
+    stats = {"encoder_s": encoder_s, "tune_loop_s": loop_s, "total_s": time.perf_counter() - t0, "losses": step_losses}
+    return concept, stats
+
+
+def main(cfg: Config):
+    # 1) Check every input before any heavy work.
+    check_config(cfg)
+    try:
+        image = data_lib.load_image(cfg.image)
+    except data_lib.BadImage as e:
+        raise UserError(str(e)) from None
+    ckpt, preset = load_encoder_checkpoint(cfg)
+    out_dir = os.path.dirname(os.path.abspath(cfg.out))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"--out: folder {out_dir} does not exist")
+
+    # 2) Frozen parts (bf16 on CUDA) and the encoder.
+    device = torch.device(cfg.device) if cfg.device else model.default_device()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    comps = model.load_components(preset, device=device, dtype=model.frozen_dtype(device), base=cfg.base, clip=cfg.clip)
+    names = dualpath.install_dual_path(comps.unet)
+    encoder = build_tuning_encoder(ckpt, comps, names, cfg.seed).to(device)
+    del ckpt
+    if cfg.grad_checkpointing if cfg.grad_checkpointing is not None else device.type == "cuda":
+        comps.unet.enable_gradient_checkpointing()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # 3) Tune (the encoder and the CLIP tower leave memory after their one forward).
+    concept, stats = tune_concept(comps, encoder, image, cfg, release_backbone=True,
+                                  log=lambda s: print(s, file=sys.stderr))
+    del encoder
+
+    # 4) Write the concept file atomically and report.
+    t_save = time.perf_counter()
+    model.atomic_save(concept, cfg.out)
+    total_s = stats["total_s"] + time.perf_counter() - t_save
+    peak = model.peak_memory_gb(device)
+    first = f"{concept['first_loss']:.5f}" if concept["first_loss"] is not None else "-"
+    last = f"{concept['final_loss']:.5f}" if concept["final_loss"] is not None else "-"
+    print(f"wrote {cfg.out} ({os.path.getsize(cfg.out) / 1e6:.2f} MB): {cfg.steps} steps, loss {first} -> {last}, "
+          f"nearest token {concept['token']!r}, {total_s:.2f} s, peak {peak:.2f} GB ({model.device_name(device)})")
+    if cfg.benchmark:
+        print(json.dumps({"what": "tune", "preset": preset, "device": model.device_name(device), "steps": cfg.steps,
+                          "batch_size": cfg.batch_size, "encoder_s": round(stats["encoder_s"], 4),
+                          "tune_loop_s": round(stats["tune_loop_s"], 4), "total_s": round(total_s, 4),
+                          "peak_gb": round(peak, 3)}))
+    return concept
+
+
+def cli(argv=None) -> int:
+    """Command-line entry: bad input -> one line on stderr and exit code 2, never a traceback."""
+    try:
+        main(parse_args(argv))
+    except UserError as e:
+        print(f"tune.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
