@@ -223,9 +223,19 @@ def make_views(im: Image.Image, resolution: int, clip_size: int = 224, rng: rand
     if rng is not None and rng.random() < 0.5:
         im = ImageOps.mirror(im)
     vae = _to_tensor(im.resize((resolution, resolution), Image.BICUBIC)) * 2 - 1
-    clip = _to_tensor(im.resize((clip_size, clip_size), Image.BICUBIC))
-    clip = (clip - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
-    return vae.clamp(-1, 1), clip
+    return vae.clamp(-1, 1), clip_tensor(im, clip_size)
+
+
+def clip_tensor(im: Image.Image, size: int = 224) -> torch.Tensor:
+    """A square image -> CLIP input (3, size, size), CLIP mean/std normalised."""
+    clip = _to_tensor(im.resize((size, size), Image.BICUBIC))
+    return (clip - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+
+def centre_square(im: Image.Image) -> Image.Image:
+    w, h = im.size
+    s = min(w, h)
+    return im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
 
 
 # ----------------------------------------------------------------------------------------

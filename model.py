@@ -622,3 +622,28 @@ def atomic_save(obj, path: str):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def config_parser(cls, description: str, required=(), choices=None):
+    """argparse from a script's @dataclass Config: one --flag per field, its default, and its
+    trailing `# comment` as the help text (so the config block is the single documentation)."""
+    import argparse
+    import dataclasses
+    import inspect
+    import re
+
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    types = {"int": int, "float": float, "int | None": int, "float | None": float}
+    for f in dataclasses.fields(cls):
+        flag, text = "--" + f.name.replace("_", "-"), comments.get(f.name, " ").replace("%", "%%")
+        if f.type in ("bool", "bool | None"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        else:
+            p.add_argument(flag, type=types.get(f.type, str), default=None if f.name in required else f.default,
+                           required=f.name in required, choices=(choices or {}).get(f.name), help=text)
+    return p

@@ -18,8 +18,6 @@ Writes OUT/encoder.pt (latest; what tune.py reads), OUT/encoder_{step:07d}.pt ev
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import os
@@ -73,15 +71,8 @@ class Config:
 
 
 def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            typ = {"int": int, "float": float, "int | None": int}.get(f.type, str)
-            choices = model.PRESETS if f.name == "preset" else None
-            p.add_argument(flag, type=typ, default=f.default, choices=choices)
+    p = model.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=(),
+                            choices={"preset": model.PRESETS})
     return Config(**vars(p.parse_args(argv)))
 
 

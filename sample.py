@@ -14,8 +14,6 @@ With classifier-free guidance the unconditional half uses the negative prompt on
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import re
@@ -53,15 +51,8 @@ class UserError(Exception):
 
 
 def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            typ = {"int": int, "float": float, "float | None": float}.get(f.type, str)
-            p.add_argument(flag, type=typ, default=f.default, required=f.name == "prompt",
-                           choices=model.PRESETS if f.name == "preset" else None)
+    p = model.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=("prompt",),
+                            choices={"preset": model.PRESETS})
     return Config(**vars(p.parse_args(argv)))
 
 

@@ -16,8 +16,6 @@ The result is a small concept file (DESIGN.md §7), never a whole UNet.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import random
@@ -61,15 +59,8 @@ class UserError(Exception):
 
 
 def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", "bool | None"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            typ = {"int": int, "float": float}.get(f.type, str)
-            p.add_argument(flag, type=typ, default=f.default, required=f.name == "image",
-                           choices=model.PRESETS if f.name == "preset" else None)
+    p = model.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=("image",),
+                            choices={"preset": model.PRESETS})
     return Config(**vars(p.parse_args(argv)))
 
 
@@ -259,17 +250,16 @@ def main(cfg: Config):
         torch.backends.cudnn.allow_tf32 = True
     comps = model.load_components(preset, device=device, dtype=model.frozen_dtype(device), base=cfg.base, clip=cfg.clip)
     names = dualpath.install_dual_path(comps.unet)
-    encoder = build_tuning_encoder(ckpt, comps, names, cfg.seed).to(device)
-    del ckpt
     if cfg.grad_checkpointing if cfg.grad_checkpointing is not None else device.type == "cuda":
         comps.unet.enable_gradient_checkpointing()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    # 3) Tune (the encoder and the CLIP tower leave memory after their one forward).
-    concept, stats = tune_concept(comps, encoder, image, cfg, release_backbone=True,
-                                  log=lambda s: print(s, file=sys.stderr))
-    del encoder
+    # 3) Tune. Only tune_concept holds the encoder, so it and the CLIP tower leave memory
+    #    right after their one forward pass.
+    concept, stats = tune_concept(comps, build_tuning_encoder(ckpt, comps, names, cfg.seed).to(device), image, cfg,
+                                  release_backbone=True, log=lambda s: print(s, file=sys.stderr))
+    del ckpt
 
     # 4) Write the concept file atomically and report.
     t_save = time.perf_counter()

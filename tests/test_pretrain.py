@@ -66,9 +66,13 @@ def test_resume_in_the_middle_gives_the_same_weights_as_a_straight_run(tmp_path)
     assert [r["step"] for r in _log(half) if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
-def test_checkpoint_holds_trainable_weights_only_and_loads_weights_only(tmp_path, tiny):
-    cfg = _cfg(tmp_path, steps=2, save_every=1)
+def test_checkpoint_holds_trainable_weights_only_and_loads_weights_only(tmp_path, tiny, capsys):
+    cfg = _cfg(tmp_path, steps=2, save_every=1, benchmark=True)
     pretrain.main(cfg)
+    bench = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # --benchmark: one JSON line
+    assert bench["what"] == "pretrain" and bench["preset"] == "tiny" and bench["device"] == "cpu"
+    assert bench["batch_size"] == 2 and bench["steps"] == 2 and bench["world_size"] == 1
+    assert bench["images_per_s"] > 0 and bench["peak_gb"] > 0 and bench["encoder_params"] == 247_584
     assert sorted(os.listdir(cfg.out)) == ["encoder.pt", "encoder_0000001.pt", "encoder_0000002.pt", "log.jsonl"]
     ckpt = torch.load(os.path.join(cfg.out, "encoder.pt"), weights_only=True)
     assert {"encoder", "optimizer", "scheduler", "step", "rng", "config"} <= set(ckpt)

@@ -1,0 +1,353 @@
+"""
+evaluate.py -- CLIP identity and prompt similarity (Sec. 5.1) for the paper's ablations (Sec. 5.4).
+
+For every concept image and every variant, tune a concept (tune.py's tune_concept), generate
+--num-images images per prompt (sample.py's generate), and score them with open_clip ViT-B-16:
+    identity (CLIP-I)  mean cosine between the input image and each generated image
+    prompt   (CLIP-T)  mean cosine between each generated image and its prompt with S*
+                       replaced by the concept's class noun ("a photo of S* on the beach"
+                       -> "a photo of dog on the beach")
+Variants (Sec. 5.4, Fig. 5b): full | no_tuning (0 steps) | no_dual_path (alpha = 1) |
+no_hypernet (LoRA starts at zero; only the embedding comes from the encoder).
+
+    python evaluate.py --images eval_set/ --prompts prompts.txt
+    python evaluate.py --images eval_set/ --preset tiny --encoder random --num-images 2 --steps 10
+
+Writes OUT/metrics.json, OUT/metrics.md (a table), OUT/tradeoff.png (Fig. 5 style) and the
+images under OUT/images/. Re-running with the same --out reuses finished concepts and images.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import data as data_lib
+import dualpath
+import model
+import sample
+import tune
+
+VARIANTS = ("full", "no_tuning", "no_dual_path", "no_hypernet")
+
+# Our built-in evaluation prompts: recontextualisation, style, and property changes.
+DEFAULT_PROMPTS = [
+    "a photo of S*",
+    "a photo of S* in the gladiator movie",
+    "a photo of S* on the beach",
+    "a photo of S* in the snow",
+    "a photo of S* in the jungle",
+    "a photo of S* on top of a wooden table",
+    "a photo of S* in front of the Eiffel Tower",
+    "a photo of S* floating in an ocean of milk",
+    "a photo of S* on the moon",
+    "a photo of S* in a living room",
+    "an oil painting of S*",
+    "a watercolor painting of S*",
+    "a pencil sketch of S*",
+    "S* in the style of Van Gogh",
+    "a cubist painting of S*",
+    "a photo of a red S*",
+    "a photo of S* made of lego",
+    "a photo of S* wearing a santa hat",
+    "a photo of S* at night under city lights",
+    "a 3D render of S* in a futuristic city",
+]
+
+
+@dataclass
+class Config:
+    images: str = ""  # folder: one concept per image file (classes.csv `file,noun` optional)
+    prompts: str | None = None  # one prompt per line, each with S*; default: the built-in list
+    encoder: str = "runs/pretrain/encoder.pt"  # pretrain.py checkpoint, or "random"
+    preset: str | None = None  # default: the one recorded in the encoder checkpoint
+    variants: str = ",".join(VARIANTS)  # comma list of full, no_tuning, no_dual_path, no_hypernet
+    num_images: int = 4  # generated images per prompt
+    steps: int = 50  # DDIM sampling steps
+    guidance: float = 7.5
+    tune_steps: int = 12  # tuning steps of the variants that tune
+    batch_size: int = 16  # tuning batch
+    seed: int = 0
+    out: str = "runs/eval"
+    fresh: bool = False  # ignore what an earlier run with the same --out finished
+    device: str | None = None
+    base: str = model.SD15_BASE
+    clip: str = model.SD15_CLIP[1]
+    eval_clip: str = "openai"  # sd15: open_clip ViT-B-16 pretrained tag (or a local file)
+
+
+class UserError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2."""
+
+
+def parse_args(argv=None) -> Config:
+    p = model.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=("images",),
+                            choices={"preset": model.PRESETS})
+    return Config(**vars(p.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------------------
+# The metric model (Sec. 5.1: "All reported metrics are based on a pre-trained ViT-B-16 model")
+
+
+class ClipMetric:
+    """open_clip ViT-B-16 (openai weights for sd15; a tiny seeded random CLIP for tiny)."""
+
+    def __init__(self, preset: str, device, pretrained: str = "openai"):
+        import open_clip
+
+        if preset == "sd15":
+            self.model = open_clip.create_model("ViT-B-16", pretrained=pretrained, device=device)
+        else:
+            # NOTE: sd15-arch and tiny have no real weights; a tiny random CLIP exercises the code path.
+            from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.model = open_clip.CLIP(
+                    embed_dim=32,
+                    vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=16, patch_size=32, image_size=224),
+                    text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=4, layers=2),
+                ).to(device)
+        self.model.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer("ViT-B-16")  # the CLIP BPE, shipped with open_clip
+        self.device = device
+        self.last_texts: list[str] = []  # what the text tower was fed last (for tests and debugging)
+
+    @torch.no_grad()
+    def image_features(self, images) -> torch.Tensor:
+        """PIL images -> L2-normalised embeddings (N, E); centre square crop, 224 px, CLIP mean/std."""
+        x = torch.stack([data_lib.clip_tensor(data_lib.centre_square(im.convert("RGB"))) for im in images]).to(self.device)
+        return torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        self.last_texts = list(texts)
+        tokens = self.tokenizer(texts).to(self.device)
+        return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    def identity(self, reference, generated) -> float:
+        """CLIP-I: mean cosine between the reference image and each generated image."""
+        return (self.image_features(generated) @ self.image_features([reference])[0]).mean().item()
+
+    def prompt_similarity(self, generated, text: str) -> float:
+        """CLIP-T: mean cosine between each generated image and the text."""
+        return (self.image_features(generated) @ self.text_features([text])[0]).mean().item()
+
+
+def noun_prompt(prompt: str, noun: str, placeholder: str = model.PLACEHOLDER) -> str:
+    """The text CLIP-T scores against: the prompt with S* replaced by the class noun."""
+    return prompt.replace(placeholder, noun)
+
+
+def class_nouns(folder: str, files: list[str]) -> dict[str, str]:
+    """file -> class noun: DIR/classes.csv (file,noun) if present, else the stem's leading word."""
+    table = {}
+    path = os.path.join(folder, "classes.csv")
+    if os.path.isfile(path):
+        with open(path, newline="") as f:
+            for row in csv.reader(f):
+                if len(row) >= 2 and row[0].strip() and row[0].strip().lower() != "file":
+                    table[row[0].strip()] = row[1].strip()
+    nouns = {}
+    for f in files:
+        m = re.match(r"[A-Za-z]+", os.path.splitext(f)[0])
+        nouns[f] = table.get(f) or (m.group(0).lower() if m else "object")
+    return nouns
+
+
+def mean_se(values: list[float]) -> dict:
+    """Mean and standard error of the mean."""
+    n = len(values)
+    mean = sum(values) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else 0.0
+    return {"mean": mean, "se": se, "n": n}
+
+
+def variant_config(cfg: Config, variant: str, image_path: str) -> tune.Config:
+    """tune.py settings of one ablation variant (Sec. 5.4)."""
+    tc = tune.Config(image=image_path, encoder=cfg.encoder, steps=cfg.tune_steps, batch_size=cfg.batch_size, seed=cfg.seed)
+    if variant == "no_tuning":
+        tc.steps = 0
+    elif variant == "no_dual_path":
+        tc.alpha_blend = 1.0
+    elif variant == "no_hypernet":
+        tc.hypernet = False
+    return tc
+
+
+def read_prompts(cfg: Config) -> list[str]:
+    if cfg.prompts is None:
+        return list(DEFAULT_PROMPTS)
+    if not os.path.isfile(cfg.prompts):
+        raise UserError(f"--prompts: no such file: {cfg.prompts}")
+    with open(cfg.prompts) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise UserError(f"--prompts: {cfg.prompts} holds no prompt")
+    missing = [p for p in prompts if model.PLACEHOLDER not in p]
+    if missing:
+        raise UserError(f"--prompts: {len(missing)} prompt(s) without {model.PLACEHOLDER}, e.g. {missing[0]!r}")
+    return prompts
+
+
+def check_inputs(cfg: Config):
+    if not os.path.isdir(cfg.images):
+        raise UserError(f"--images: no such folder: {cfg.images}")
+    files = sorted(f for f in os.listdir(cfg.images) if os.path.splitext(f)[1].lower() in data_lib.IMAGE_EXTS)
+    if not files:
+        raise UserError(f"--images: no image files in {cfg.images}")
+    variants = [v.strip() for v in cfg.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise UserError(f"--variants: unknown {unknown or cfg.variants!r}; choose from {', '.join(VARIANTS)}")
+    for flag, val in (("--num-images", cfg.num_images), ("--steps", cfg.steps), ("--batch-size", cfg.batch_size)):
+        if val <= 0:
+            raise UserError(f"{flag} must be positive, got {val}")
+    if cfg.tune_steps < 0:
+        raise UserError(f"--tune-steps must be >= 0, got {cfg.tune_steps}")
+    return files, variants, read_prompts(cfg)
+
+
+def plot_tradeoff(summary: dict, path: str):
+    """Prompt similarity (x) vs identity (y), one labelled point per variant with SE bars (Fig. 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    for name, s in summary.items():
+        ax.errorbar(s["prompt"]["mean"], s["identity"]["mean"], xerr=s["prompt"]["se"], yerr=s["identity"]["se"],
+                    fmt="o", capsize=3, label=name)
+        ax.annotate(name, (s["prompt"]["mean"], s["identity"]["mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("prompt similarity (CLIP-T)")
+    ax.set_ylabel("identity similarity (CLIP-I)")
+    ax.set_title("identity vs. prompt trade-off")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_text(path: str, text: str):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def markdown_table(summary: dict, n_concepts: int, n_prompts: int, num_images: int) -> str:
+    lines = [f"Identity (CLIP-I) and prompt (CLIP-T) similarity, mean ± standard error over "
+             f"{n_concepts} concept(s) × {n_prompts} prompt(s), {num_images} image(s) each.", "",
+             "| variant | identity (CLIP-I) | prompt (CLIP-T) |", "|---|---|---|"]
+    for name, s in summary.items():
+        lines.append(f"| {name} | {s['identity']['mean']:.4f} ± {s['identity']['se']:.4f} | "
+                     f"{s['prompt']['mean']:.4f} ± {s['prompt']['se']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(cfg: Config):
+    from PIL import Image
+
+    # 1) Inputs, before anything heavy.
+    files, variants, prompts = check_inputs(cfg)
+    nouns = class_nouns(cfg.images, files)
+    images = {}
+    for f in files:
+        try:
+            images[f] = data_lib.load_image(os.path.join(cfg.images, f))
+        except data_lib.BadImage as e:
+            raise UserError(str(e)) from None
+    ckpt, preset = tune.load_encoder_checkpoint(tune.Config(encoder=cfg.encoder, preset=cfg.preset))
+
+    # 2) Models: frozen parts, encoder, pipeline, metric CLIP.
+    device = torch.device(cfg.device) if cfg.device else model.default_device()
+    comps = model.load_components(preset, device=device, dtype=model.frozen_dtype(device), base=cfg.base, clip=cfg.clip)
+    names = dualpath.install_dual_path(comps.unet)
+    encoder = tune.build_tuning_encoder(ckpt, comps, names, cfg.seed).to(device)
+    pipe = sample.build_pipeline(comps)
+    metric = ClipMetric(preset, device, cfg.eval_clip)
+
+    # 3) Concepts, images, scores. Everything finished is on disk and reused on a re-run.
+    os.makedirs(cfg.out, exist_ok=True)
+    results, reused = {}, {"concepts": 0, "images": 0}
+    bar = tqdm(total=len(variants) * len(files) * (1 + len(prompts)), desc="evaluate", dynamic_ncols=True)
+    for variant in variants:
+        results[variant] = {}
+        for f in files:
+            stem = os.path.splitext(f)[0]
+            cdir = os.path.join(cfg.out, "concepts", variant)
+            os.makedirs(cdir, exist_ok=True)
+            cpath = os.path.join(cdir, f"{stem}.pt")
+            if os.path.isfile(cpath) and not cfg.fresh:
+                concept = model.load_concept(cpath)
+                reused["concepts"] += 1
+            else:
+                tc = variant_config(cfg, variant, os.path.join(cfg.images, f))
+                concept, _ = tune.tune_concept(comps, encoder, images[f], tc, log=lambda s: None)
+                model.atomic_save(concept, cpath)
+            bar.update(1)
+            per_prompt = {}
+            for j, prompt in enumerate(prompts):
+                idir = os.path.join(cfg.out, "images", variant, stem)
+                os.makedirs(idir, exist_ok=True)
+                paths = [os.path.join(idir, f"p{j:02d}_{k}.png") for k in range(cfg.num_images)]
+                if all(os.path.isfile(p) for p in paths) and not cfg.fresh:
+                    gen = [Image.open(p).convert("RGB") for p in paths]
+                    reused["images"] += len(gen)
+                else:
+                    gen = sample.generate(pipe, comps, concept, prompt, num_images=cfg.num_images, steps=cfg.steps,
+                                          guidance=cfg.guidance, seed=cfg.seed + 1000 * j)
+                    for im, p in zip(gen, paths):
+                        sample.save_png(im, p)
+                text = noun_prompt(prompt, nouns[f])
+                per_prompt[prompt] = {"identity": metric.identity(images[f], gen),
+                                      "prompt": metric.prompt_similarity(gen, text),
+                                      "text": text, "images": [os.path.relpath(p, cfg.out) for p in paths]}
+                bar.update(1)
+            results[variant][stem] = {"noun": nouns[f], "token": concept["token"], "prompts": per_prompt,
+                                      "identity": sum(r["identity"] for r in per_prompt.values()) / len(per_prompt),
+                                      "prompt": sum(r["prompt"] for r in per_prompt.values()) / len(per_prompt)}
+    bar.close()
+
+    # 4) Summaries (mean and standard error over concept x prompt cells), table, plot.
+    summary = {}
+    for variant, concepts in results.items():
+        cells = [r for c in concepts.values() for r in c["prompts"].values()]
+        summary[variant] = {"identity": mean_se([r["identity"] for r in cells]),
+                            "prompt": mean_se([r["prompt"] for r in cells])}
+    report = {"preset": preset, "encoder": cfg.encoder, "config": dataclasses.asdict(cfg), "prompts": prompts,
+              "metric_model": "ViT-B-16/" + (cfg.eval_clip if preset == "sd15" else "tiny-random"),
+              "summary": summary, "variants": results, "reused": reused}
+    write_text(os.path.join(cfg.out, "metrics.json"), json.dumps(report, indent=2))
+    write_text(os.path.join(cfg.out, "metrics.md"), markdown_table(summary, len(files), len(prompts), cfg.num_images))
+    plot_tradeoff(summary, os.path.join(cfg.out, "tradeoff.png"))
+    print(markdown_table(summary, len(files), len(prompts), cfg.num_images))
+    print(f"wrote {cfg.out}/metrics.json, metrics.md, tradeoff.png and images/", file=sys.stderr)
+    return report
+
+
+def cli(argv=None) -> int:
+    """Command-line entry: bad input -> one line on stderr and exit code 2, never a traceback."""
+    try:
+        main(parse_args(argv))
+    except (UserError, tune.UserError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

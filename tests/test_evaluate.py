@@ -1,0 +1,103 @@
+"""evaluate.py: CLIP-I / CLIP-T, the end-to-end run, caching, bad input."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import evaluate
+
+
+@pytest.fixture(scope="module")
+def metric():
+    return evaluate.ClipMetric("tiny", torch.device("cpu"))
+
+
+def test_clip_identity_of_an_image_with_itself_is_one_and_symmetric(metric):
+    a, b = data.synthetic_image(0, size=96), data.synthetic_image(1, size=96)
+    assert abs(metric.identity(a, [a]) - 1.0) < 1e-5
+    assert abs(metric.identity(a, [b]) - metric.identity(b, [a])) < 1e-6
+    assert metric.identity(a, [b]) < 0.999
+    # The mean over several generated images is the mean of the single cosines.
+    both = metric.identity(a, [a, b])
+    assert abs(both - (1.0 + metric.identity(a, [b])) / 2) < 1e-5
+
+
+def test_clip_t_scores_the_prompt_with_the_class_noun(metric):
+    assert evaluate.noun_prompt("a photo of S* in the gladiator movie", "dog") == "a photo of dog in the gladiator movie"
+    img = data.synthetic_image(2, size=64)
+    s = metric.prompt_similarity([img], "a photo of dog on the beach")
+    assert metric.last_texts == ["a photo of dog on the beach"]
+    assert -1.0 <= s <= 1.0
+
+
+def test_class_nouns_from_csv_or_file_stem(tmp_path):
+    (tmp_path / "classes.csv").write_text("file,noun\nx_1.png,backpack\n")
+    assert evaluate.class_nouns(str(tmp_path), ["dog_02.jpg", "x_1.png", "123.png"]) == {
+        "dog_02.jpg": "dog", "x_1.png": "backpack", "123.png": "object"}
+
+
+def _eval_set(tmp_path):
+    imgs = tmp_path / "set"
+    imgs.mkdir()
+    data.synthetic_image(0, size=96).save(imgs / "dog_01.png")
+    data.synthetic_image(1, size=96).save(imgs / "teapot_02.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of S* on the beach\n\nan oil painting of S*\n")
+    return imgs, prompts
+
+
+def test_end_to_end_writes_metrics_table_plot_and_reuses_the_cache(tmp_path, monkeypatch):
+    imgs, prompts = _eval_set(tmp_path)
+    out = tmp_path / "eval"
+    fed = []
+    orig = evaluate.ClipMetric.text_features
+    monkeypatch.setattr(evaluate.ClipMetric, "text_features", lambda self, t: (fed.extend(t), orig(self, t))[1])
+    args = ["--images", str(imgs), "--prompts", str(prompts), "--preset", "tiny", "--encoder", "random",
+            "--variants", "full,no_dual_path", "--num-images", "1", "--steps", "3", "--tune-steps", "1",
+            "--batch-size", "2", "--out", str(out), "--device", "cpu"]
+    assert evaluate.cli(args) == 0
+    assert sorted(fed) == sorted(["a photo of dog on the beach", "an oil painting of dog",
+                                  "a photo of teapot on the beach", "an oil painting of teapot"] * 2)
+    rep = json.loads((out / "metrics.json").read_text())
+    assert set(rep["summary"]) == {"full", "no_dual_path"}
+    for s in rep["summary"].values():
+        assert {"mean", "se", "n"} <= set(s["identity"]) and s["identity"]["n"] == 4
+        assert -1 <= s["prompt"]["mean"] <= 1 and 0 < s["identity"]["mean"] <= 1
+    cell = rep["variants"]["full"]["dog_01"]["prompts"]["a photo of S* on the beach"]
+    assert cell["text"] == "a photo of dog on the beach" and {"identity", "prompt", "images"} <= set(cell)
+    assert rep["variants"]["no_dual_path"]["teapot_02"]["noun"] == "teapot"
+    assert rep["reused"] == {"concepts": 0, "images": 0}
+    md = (out / "metrics.md").read_text()
+    assert "| variant | identity (CLIP-I) | prompt (CLIP-T) |" in md and "| no_dual_path |" in md
+    png = out / "tradeoff.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as im:
+        im.verify()
+    assert len(os.listdir(out / "images" / "full" / "dog_01")) == 2
+
+    # Second run: every concept and image comes from disk, untouched; same numbers.
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+    assert evaluate.cli(args) == 0
+    rep2 = json.loads((out / "metrics.json").read_text())
+    assert rep2["reused"] == {"concepts": 4, "images": 8}
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == mtimes
+    assert rep2["summary"]["full"]["identity"]["mean"] == pytest.approx(rep["summary"]["full"]["identity"]["mean"], abs=1e-6)
+
+
+@pytest.mark.parametrize("case", ["empty_folder", "missing_prompts", "no_placeholder", "bad_variant"])
+def test_bad_input_exits_2_with_one_line(tmp_path, case, capsys):
+    imgs, prompts = _eval_set(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "plain.txt").write_text("a photo of S*\na photo of a dog\n")
+    args = {"empty_folder": ["--images", str(empty)],
+            "missing_prompts": ["--images", str(imgs), "--prompts", str(tmp_path / "nope.txt")],
+            "no_placeholder": ["--images", str(imgs), "--prompts", str(tmp_path / "plain.txt")],
+            "bad_variant": ["--images", str(imgs), "--variants", "full,nonsense"]}[case]
+    assert evaluate.cli(args + ["--preset", "tiny", "--encoder", "random", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("evaluate.py: error:")
+    assert not (tmp_path / "o").exists()
