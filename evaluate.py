@@ -84,8 +84,7 @@ class Config:
     eval_clip: str = "openai"  # sd15: open_clip ViT-B-16 pretrained tag (or a local file)
 
 
-class UserError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2."""
+UserError = model.UserError  # bad input: one line on stderr, exit code 2
 
 
 def parse_args(argv=None) -> Config:
@@ -278,6 +277,7 @@ def main(cfg: Config):
     names = dualpath.install_dual_path(comps.unet)
     encoder = tune.build_tuning_encoder(ckpt, comps, names, cfg.seed).to(device)
     pipe = sample.build_pipeline(comps)
+    pipe.set_progress_bar_config(disable=True)  # one bar for the whole run instead
     metric = ClipMetric(preset, device, cfg.eval_clip)
 
     # 3) Concepts, images, scores. Everything finished is on disk and reused on a re-run.
@@ -343,7 +343,7 @@ def cli(argv=None) -> int:
     """Command-line entry: bad input -> one line on stderr and exit code 2, never a traceback."""
     try:
         main(parse_args(argv))
-    except (UserError, tune.UserError) as e:
+    except UserError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     return 0

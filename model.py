@@ -367,6 +367,17 @@ def encode_prompt(
         handle.remove()
 
 
+def encode_soft_and_hard(text_encoder, tokenizer, prompts: list[str], v_star: torch.Tensor, token_table: torch.Tensor,
+                         placeholder: str = PLACEHOLDER):
+    """(C, C_h, hard_ids) for Eq. (5): C with v* at the placeholder (gradients reach v*), C_h with
+    the nearest real token v_h of each v* instead (Sec. 4.3; no gradient). v_star (B|1, D)."""
+    hard_ids = nearest_tokens(v_star, token_table, k=1)[0][:, 0]  # (B|1,) ids of v_h
+    C = encode_prompt(text_encoder, tokenizer, prompts, v_star=v_star, placeholder=placeholder)  # (B, 77, D)
+    with torch.no_grad():
+        C_h = encode_prompt(text_encoder, tokenizer, prompts, hard_ids=hard_ids, placeholder=placeholder)
+    return C, C_h, hard_ids
+
+
 @torch.no_grad()
 def nearest_tokens(v: torch.Tensor, token_table: torch.Tensor, k: int = 1, exclude=SPECIAL_IDS):
     """Cosine top-k rows of the token table for each v (B, D) -> (ids (B, k), cosines (B, k)).
@@ -581,7 +592,11 @@ def concept_lora(concept: dict, device=None, dtype=None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------
-# Small helpers the scripts share (precision, memory, safe writes)
+# Small helpers the scripts share (errors, precision, memory, safe writes)
+
+
+class UserError(Exception):
+    """Bad input to a script: reported as one line on stderr with exit code 2, no traceback."""
 
 
 def frozen_dtype(device) -> torch.dtype:

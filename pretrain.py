@@ -116,11 +116,9 @@ def pretrain_losses(cfg: Config, comps, encoder, batch, seed: int, world: int = 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast:
         v, lora = model.encode(encoder, comps, clip_images, z_t, t)  # (B, D), {name: (A, B)}
-        hard_ids = model.nearest_tokens(v, comps.token_table, k=1)[0][:, 0]  # (B,) v_h (Sec. 4.3)
         prompts = data_lib.make_prompts(len(v), random.Random(seed))
-        C = model.encode_prompt(comps.text_encoder, comps.tokenizer, prompts, v_star=v)  # (B, 77, D)
-        with torch.no_grad():
-            C_h = model.encode_prompt(comps.text_encoder, comps.tokenizer, prompts, hard_ids=hard_ids)
+        # C with v*, C_h with its nearest real token v_h (Sec. 4.3), both (B, 77, D)
+        C, C_h, _ = model.encode_soft_and_hard(comps.text_encoder, comps.tokenizer, prompts, v, comps.token_table)
         kw = dualpath.dual_path_kwargs(lora, C_h, alpha=cfg.alpha_blend, lora_scale=comps.cfg.lora_scale)
         pred = comps.unet(z_t, t, encoder_hidden_states=C, cross_attention_kwargs=kw).sample  # Eq. (5)
 

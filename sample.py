@@ -19,7 +19,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +45,7 @@ class Config:
     benchmark: bool = False  # also time plain SD in the same run; end with one JSON line
 
 
-class UserError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2."""
+UserError = model.UserError  # bad input: one line on stderr, exit code 2
 
 
 def parse_args(argv=None) -> Config:
@@ -87,7 +85,8 @@ def generate(pipe, comps, concept: dict | None, prompt: str, negative_prompt: st
 
     ph = concept["placeholder"]
     if ph not in prompt and not _warned_no_placeholder:
-        warnings.warn(f"the prompt does not mention {ph}: the concept's word is unused (its LoRA still applies)")
+        print(f"sample.py: warning: the prompt does not mention {ph}: the concept's word is unused "
+              f"(its LoRA still applies)", file=sys.stderr)
         _warned_no_placeholder = True
     te, tok = comps.text_encoder, comps.tokenizer
     v = concept["v_star"].to(device)[None]  # (1, D)

@@ -54,8 +54,7 @@ class Config:
     benchmark: bool = False  # end with one JSON line of timings and peak memory
 
 
-class UserError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2."""
+UserError = model.UserError  # bad input: one line on stderr, exit code 2
 
 
 def parse_args(argv=None) -> Config:
@@ -187,11 +186,10 @@ def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = Fa
         gstep = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
         z_t, t, _, target = model.noisy_latents(comps.noise_scheduler, latents, gstep)
         prompts = data_lib.make_prompts(len(latents), random.Random(cfg.seed * 7_919 + step), cfg.placeholder)
-        hard_ids = model.nearest_tokens(v, comps.token_table, k=1)[0][:, 0]  # the hard token follows v
         with autocast:
-            C = model.encode_prompt(comps.text_encoder, comps.tokenizer, prompts, v_star=v, placeholder=cfg.placeholder)
-            with torch.no_grad():
-                C_h = model.encode_prompt(comps.text_encoder, comps.tokenizer, prompts, hard_ids=hard_ids, placeholder=cfg.placeholder)
+            # C with v, C_h with v's nearest real token: the hard token follows v step by step.
+            C, C_h, _ = model.encode_soft_and_hard(comps.text_encoder, comps.tokenizer, prompts, v, comps.token_table,
+                                                   cfg.placeholder)
             kw = dualpath.dual_path_kwargs(lora, C_h, alpha=cfg.alpha_blend, lora_scale=comps.cfg.lora_scale)
             pred = comps.unet(z_t, t, encoder_hidden_states=C, cross_attention_kwargs=kw).sample  # Eq. (5)
         diff = losses.diffusion_loss(pred, target)  # Eq. (1)

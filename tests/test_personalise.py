@@ -224,12 +224,13 @@ def test_sample_bad_input_exits_2_and_writes_nothing(tmp_path, case, concept, ca
     assert not out.exists()
 
 
-def test_prompt_without_placeholder_warns_once_and_still_works(tiny, concept, pipe):
+def test_prompt_without_placeholder_warns_once_and_still_works(tiny, concept, pipe, capsys):
     comps, _ = tiny
     sample._warned_no_placeholder = False
-    with pytest.warns(UserWarning, match="does not mention"):
-        imgs = sample.generate(pipe, comps, concept, "a photo of a cat", num_images=1, steps=2)
-    assert len(imgs) == 1
+    imgs = sample.generate(pipe, comps, concept, "a photo of a cat", num_images=1, steps=2)
+    imgs += sample.generate(pipe, comps, concept, "a photo of a dog", num_images=1, steps=2)
+    assert len(imgs) == 2
+    assert capsys.readouterr().err.count("sample.py: warning: the prompt does not mention S*") == 1
 
 
 def test_real_processes_exit_2_without_traceback(tmp_path):
