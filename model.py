@@ -591,6 +591,16 @@ def concept_lora(concept: dict, device=None, dtype=None) -> dict:
     }
 
 
+@torch.no_grad()
+def encode_concept_prompts(text_encoder, tokenizer, concept: dict, prompts: list[str]):
+    """(C, C_h) of prompts for a concept file: v* at the placeholder, and its stored nearest token."""
+    device = text_encoder.get_input_embeddings().weight.device
+    ph = concept["placeholder"]
+    C = encode_prompt(text_encoder, tokenizer, prompts, v_star=concept["v_star"].to(device)[None], placeholder=ph)
+    C_h = encode_prompt(text_encoder, tokenizer, prompts, hard_ids=torch.tensor([concept["token_id"]]), placeholder=ph)
+    return C, C_h  # (B, 77, D) each
+
+
 # ----------------------------------------------------------------------------------------
 # Small helpers the scripts share (errors, precision, memory, safe writes)
 

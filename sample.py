@@ -89,9 +89,7 @@ def generate(pipe, comps, concept: dict | None, prompt: str, negative_prompt: st
               f"(its LoRA still applies)", file=sys.stderr)
         _warned_no_placeholder = True
     te, tok = comps.text_encoder, comps.tokenizer
-    v = concept["v_star"].to(device)[None]  # (1, D)
-    C = model.encode_prompt(te, tok, [prompt] * num_images, v_star=v, placeholder=ph)  # (n, 77, D) soft
-    C_h = model.encode_prompt(te, tok, [prompt] * num_images, hard_ids=torch.tensor([concept["token_id"]]), placeholder=ph)
+    C, C_h = model.encode_concept_prompts(te, tok, concept, [prompt] * num_images)  # (n, 77, D) soft and hard
     neg = model.encode_prompt(te, tok, [negative_prompt] * num_images, placeholder=ph)  # uncond, both paths
     dtype = next(comps.unet.parameters()).dtype
     hard = torch.cat([neg, C_h]) if guidance > 1 else C_h  # the pipeline's CFG batch is [uncond; cond]

@@ -116,13 +116,11 @@ def concept_denoise_loss(comps, concept: dict, latents: torch.Tensor, seed: int,
     with torch.no_grad():
         z_t, t, _, target = model.noisy_latents(comps.noise_scheduler, latents.to(device), g)
         prompts = data_lib.make_prompts(len(latents), random.Random(seed), concept["placeholder"])
-        v = concept["v_star"].to(device)[None]
-        ids = torch.tensor([concept["token_id"]], device=device)
-        C = model.encode_prompt(comps.text_encoder, comps.tokenizer, prompts, v_star=v, placeholder=concept["placeholder"])
-        C_h = model.encode_prompt(comps.text_encoder, comps.tokenizer, prompts, hard_ids=ids, placeholder=concept["placeholder"])
+        C, C_h = model.encode_concept_prompts(comps.text_encoder, comps.tokenizer, concept, prompts)
         kw = dualpath.dual_path_kwargs(model.concept_lora(concept, device), C_h,
                                        alpha=concept["alpha_blend"] if alpha is None else alpha, lora_scale=concept["lora_scale"])
-        pred = comps.unet(z_t, t, encoder_hidden_states=C, cross_attention_kwargs=kw).sample
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = comps.unet(z_t, t, encoder_hidden_states=C, cross_attention_kwargs=kw).sample
         return losses.diffusion_loss(pred, target).item()
 
 

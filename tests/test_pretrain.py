@@ -190,3 +190,26 @@ def test_tiny_and_sd15_arch_encoder_parameter_counts(tiny, sd15_meta):
     with torch.device("meta"):
         enc = model.build_encoder(sd15_meta, sd_names)
     assert model.count_parameters(enc) == 62_978_944
+
+
+def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "pretrain.py", "--preset", "tiny", "--data", "synthetic", "--steps", "100000",
+           "--batch-size", "2", "--num-workers", "0", "--out", str(out), "--log-every", "1", "--save-every", "100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    assert not (out / "encoder.pt").exists()  # nothing saved yet
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: saving step" in err
+    ckpt = torch.load(out / "encoder.pt", weights_only=True)
+    assert ckpt["step"] >= 2
+    assert not [f for f in os.listdir(out) if ".tmp" in f]  # no half-written file left behind
