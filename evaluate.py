@@ -183,6 +183,30 @@ def variant_config(cfg: Config, variant: str, image_path: str) -> tune.Config:
     return tc
 
 
+def cached_concept(path: str, tc: tune.Config) -> dict | None:
+    """The concept a previous run saved at `path`, if it was tuned with the same settings."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        concept = model.load_concept(path)
+    except ValueError:
+        return None
+    t = concept.get("tuning", {})
+    same = (t.get("steps"), t.get("lr"), t.get("batch_size"), t.get("seed"), t.get("hypernet"), t.get("encoder"),
+            concept.get("alpha_blend")) == (tc.steps, tc.lr, tc.batch_size, tc.seed, tc.hypernet, tc.encoder, tc.alpha_blend)
+    return concept if same else None
+
+
+def image_key(concept: dict, prompt: str, cfg: Config) -> str:
+    """Short hash of what fixes the generated pixels: the concept, the prompt and the sampler."""
+    import hashlib
+
+    h = hashlib.sha1()
+    h.update(concept["v_star"].numpy().tobytes())
+    h.update(repr((concept.get("final_loss"), prompt, cfg.steps, cfg.guidance, cfg.seed)).encode())
+    return h.hexdigest()[:8]
+
+
 def read_prompts(cfg: Config) -> list[str]:
     if cfg.prompts is None:
         return list(DEFAULT_PROMPTS)
@@ -291,11 +315,11 @@ def main(cfg: Config):
             cdir = os.path.join(cfg.out, "concepts", variant)
             os.makedirs(cdir, exist_ok=True)
             cpath = os.path.join(cdir, f"{stem}.pt")
-            if os.path.isfile(cpath) and not cfg.fresh:
-                concept = model.load_concept(cpath)
+            tc = variant_config(cfg, variant, os.path.join(cfg.images, f))
+            concept = cached_concept(cpath, tc) if not cfg.fresh else None
+            if concept is not None:
                 reused["concepts"] += 1
             else:
-                tc = variant_config(cfg, variant, os.path.join(cfg.images, f))
                 concept, _ = tune.tune_concept(comps, encoder, images[f], tc, log=lambda s: None)
                 model.atomic_save(concept, cpath)
             bar.update(1)
@@ -303,7 +327,8 @@ def main(cfg: Config):
             for j, prompt in enumerate(prompts):
                 idir = os.path.join(cfg.out, "images", variant, stem)
                 os.makedirs(idir, exist_ok=True)
-                paths = [os.path.join(idir, f"p{j:02d}_{k}.png") for k in range(cfg.num_images)]
+                key = image_key(concept, prompt, cfg)  # a changed prompt, setting or concept never reuses
+                paths = [os.path.join(idir, f"p{j:02d}_{key}_{k}.png") for k in range(cfg.num_images)]
                 if all(os.path.isfile(p) for p in paths) and not cfg.fresh:
                     gen = [Image.open(p).convert("RGB") for p in paths]
                     reused["images"] += len(gen)
@@ -340,13 +365,7 @@ def main(cfg: Config):
 
 
 def cli(argv=None) -> int:
-    """Command-line entry: bad input -> one line on stderr and exit code 2, never a traceback."""
-    try:
-        main(parse_args(argv))
-    except UserError as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return model.run_cli("evaluate.py", main, parse_args, argv)
 
 
 if __name__ == "__main__":

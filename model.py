@@ -161,18 +161,19 @@ def _sd15_vae_kwargs() -> dict:
     )
 
 
-def _sd15_text_config():
+def _text_config(width: int = 768, mlp: int = 3072, layers: int = 12, heads: int = 12):
+    """CLIP text encoder config; the defaults are SD 1.5's (OpenAI CLIP ViT-L/14 text tower)."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=49408,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
+        hidden_size=width,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         max_position_embeddings=MAX_TOKENS,
         hidden_act="quick_gelu",
-        projection_dim=768,
+        projection_dim=width,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=1,
@@ -183,13 +184,13 @@ def _build_random(preset: str, device) -> dict:
     """Build the architectures with random weights (sd15-arch, tiny)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from open_clip.transformer import VisionTransformer
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     if preset == "sd15-arch":
         with torch.device(device):
             unet = UNet2DConditionModel(**_sd15_unet_kwargs())
             vae = AutoencoderKL(**_sd15_vae_kwargs())
-            text_encoder = CLIPTextModel(_sd15_text_config())
+            text_encoder = CLIPTextModel(_text_config())
             # ViT-H-14's vision tower (open_clip config: width 1280, 32 layers, head width 80,
             # patch 14, embed dim 1024). Built directly: open_clip.create_model("ViT-H-14",
             # device="meta") also builds the text tower and takes ~15 s on 2 cores.
@@ -223,21 +224,7 @@ def _build_random(preset: str, device) -> dict:
             sample_size=32,
             scaling_factor=0.18215,
         )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=MAX_TOKENS,
-                hidden_act="quick_gelu",
-                projection_dim=32,
-                bos_token_id=BOS_ID,
-                eos_token_id=EOS_ID,
-                pad_token_id=1,
-            )
-        )
+        text_encoder = CLIPTextModel(_text_config(width=32, mlp=64, layers=2, heads=4))
         image_encoder = VisionTransformer(
             image_size=224, patch_size=32, width=64, layers=2, heads=4, mlp_ratio=2.0, output_dim=32
         )
@@ -607,6 +594,19 @@ def encode_concept_prompts(text_encoder, tokenizer, concept: dict, prompts: list
 
 class UserError(Exception):
     """Bad input to a script: reported as one line on stderr with exit code 2, no traceback."""
+
+
+def run_cli(name: str, main, parse_args, argv=None) -> int:
+    """A script's command-line entry: main(parse_args(argv)); a UserError becomes one line on
+    stderr and exit code 2 (never a traceback, and main writes nothing before it checks)."""
+    import sys
+
+    try:
+        main(parse_args(argv))
+    except UserError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def frozen_dtype(device) -> torch.dtype:

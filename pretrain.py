@@ -76,9 +76,16 @@ def parse_args(argv=None) -> Config:
     return Config(**vars(p.parse_args(argv)))
 
 
-def fail(msg: str):
-    print(f"pretrain.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+def check_config(cfg: Config):
+    """Reject bad flags before anything heavy (one line on stderr, exit code 2)."""
+    if cfg.data is None and cfg.openimages is None:
+        raise model.UserError("give --data DIR, --data synthetic, or --openimages DIR")
+    for flag, val in (("--steps", cfg.steps), ("--batch-size", cfg.batch_size), ("--save-every", cfg.save_every),
+                      ("--log-every", cfg.log_every)):
+        if val <= 0:
+            raise model.UserError(f"{flag} must be positive, got {val}")
+    if cfg.resume not in (None, "auto") and not os.path.isfile(cfg.resume):
+        raise model.UserError(f"--resume: no such checkpoint: {cfg.resume}")
 
 
 def lr_lambda(cfg: Config):
@@ -225,7 +232,10 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
     step = 0
     resume = os.path.join(cfg.out, "encoder.pt") if cfg.resume == "auto" else cfg.resume
     if resume and os.path.exists(resume):
-        ckpt = load_checkpoint(resume)
+        try:
+            ckpt = load_checkpoint(resume)
+        except ValueError as e:
+            raise model.UserError(str(e)) from None
         encoder.load_state_dict(ckpt["encoder"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -236,16 +246,17 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
         step = ckpt["step"]
         if master:
             print(f"resumed from {resume} at step {step}", file=sys.stderr)
-    elif cfg.resume and cfg.resume != "auto":
-        raise FileNotFoundError(f"--resume: no such checkpoint: {cfg.resume}")
     model_ddp = DDP(encoder, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else encoder
 
     # 4) Data: every rank sees its own shard; the sampler skips what a resumed run already saw.
-    dataset = data_lib.ConceptImages(cfg.data, cfg.openimages, comps.cfg.resolution, comps.cfg.clip_size,
-                                     augment=True, synthetic_seed=cfg.seed)
+    try:
+        dataset = data_lib.ConceptImages(cfg.data, cfg.openimages, comps.cfg.resolution, comps.cfg.clip_size,
+                                         augment=True, synthetic_seed=cfg.seed)
+    except FileNotFoundError as e:
+        raise model.UserError(str(e)) from None
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} images are fewer than one global batch ({cfg.batch_size} x {world})")
+        raise model.UserError(f"{len(dataset)} images are fewer than one global batch ({cfg.batch_size} x {world})")
 
     def loader(epoch: int, skip_batches: int):
         sampler = data_lib.ResumableSampler(len(dataset), world, rank, cfg.seed, epoch, skip_batches * cfg.batch_size)
@@ -344,15 +355,13 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
     return encoder
 
 
+def cli(argv=None) -> int:
+    def checked_main(cfg):
+        check_config(cfg)
+        return main(cfg)
+
+    return model.run_cli("pretrain.py", checked_main, parse_args, argv)
+
+
 if __name__ == "__main__":
-    cfg = parse_args()
-    if cfg.data is None and cfg.openimages is None:
-        fail("give --data DIR, --data synthetic, or --openimages DIR")
-    for flag, val in (("--steps", cfg.steps), ("--batch-size", cfg.batch_size), ("--save-every", cfg.save_every),
-                      ("--log-every", cfg.log_every)):
-        if val <= 0:
-            fail(f"{flag} must be positive, got {val}")
-    try:
-        main(cfg)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e).splitlines()[0])
+    sys.exit(cli())

@@ -275,13 +275,7 @@ def main(cfg: Config):
 
 
 def cli(argv=None) -> int:
-    """Command-line entry: bad input -> one line on stderr and exit code 2, never a traceback."""
-    try:
-        main(parse_args(argv))
-    except UserError as e:
-        print(f"tune.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return model.run_cli("tune.py", main, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,10 @@ def test_end_to_end_writes_metrics_table_plot_and_reuses_the_cache(tmp_path, mon
     rep2 = json.loads((out / "metrics.json").read_text())
     assert rep2["reused"] == {"concepts": 4, "images": 8}
     assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == mtimes
+    # A changed setting is not served from the cache: more tuning steps re-tune and re-generate.
+    args[args.index("--tune-steps") + 1] = "2"
+    assert evaluate.cli(args) == 0
+    assert json.loads((out / "metrics.json").read_text())["reused"] == {"concepts": 0, "images": 0}
     assert rep2["summary"]["full"]["identity"]["mean"] == pytest.approx(rep["summary"]["full"]["identity"]["mean"], abs=1e-6)
 
 
