@@ -211,3 +211,26 @@ def test_nearest_tokens_finds_the_row_and_excludes_special_tokens(tiny):
     assert ids[:, 0].tolist() == [DOG, 320] and torch.allclose(cos[:, 0], torch.ones(2), atol=1e-5)
     ids, _ = model.nearest_tokens(table[[model.BOS_ID, model.EOS_ID]], table, k=3)
     assert not set(ids.flatten().tolist()) & set(model.SPECIAL_IDS)
+
+
+def test_alpha1_costs_one_path_and_alpha_below_1_shares_the_query(tiny):
+    """Count projection calls: alpha = 1 runs each q/k/v once (plain LoRA); alpha < 1 adds only
+    the hard path's k/v of C_h in attn2 (the q projection, and attn1's k/v, are shared)."""
+    comps, names = tiny
+    z, t, C, C_h = _inputs(comps)
+    calls = {"to_q": 0, "to_k": 0, "to_v": 0}
+    hooks = []
+    for name, m in comps.unet.named_modules():
+        for p in calls:
+            if name.endswith(p) and name.rsplit(".", 1)[0] in dualpath.attention_layer_names(comps.unet):
+                hooks.append(m.register_forward_hook(lambda mod, i, o, p=p: calls.__setitem__(p, calls[p] + 1)))
+    n_attn = len(dualpath.attention_layer_names(comps.unet))
+    try:
+        comps.unet(z, t, encoder_hidden_states=C, cross_attention_kwargs=dualpath.dual_path_kwargs(None, C_h, alpha=1.0))
+        assert calls == {"to_q": n_attn, "to_k": n_attn, "to_v": n_attn}
+        calls.update(to_q=0, to_k=0, to_v=0)
+        comps.unet(z, t, encoder_hidden_states=C, cross_attention_kwargs=dualpath.dual_path_kwargs(None, C_h, alpha=0.25))
+        assert calls == {"to_q": n_attn, "to_k": n_attn + n_attn // 2, "to_v": n_attn + n_attn // 2}
+    finally:
+        for h in hooks:
+            h.remove()

@@ -241,3 +241,12 @@ def test_real_processes_exit_2_without_traceback(tmp_path):
                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
         assert r.returncode == 2, r.stderr
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_tuning_releases_the_image_tower_after_the_one_forward():
+    comps = model.load_components("tiny")
+    names = dualpath.install_dual_path(comps.unet)
+    enc = tune.build_tuning_encoder(None, comps, names, seed=0)
+    cfg = tune.Config(image=IMAGE, encoder="random", steps=1, batch_size=2)
+    concept, _ = tune.tune_concept(comps, enc, data.load_image(IMAGE), cfg, release_backbone=True, log=lambda s: None)
+    assert comps.image_encoder is None and concept["tuning"]["steps"] == 1

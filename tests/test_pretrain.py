@@ -89,7 +89,7 @@ def test_checkpoint_holds_trainable_weights_only_and_loads_weights_only(tmp_path
 
 def test_torchrun_two_ranks_complete_and_hold_identical_weights(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "pretrain.py", "--preset", "tiny", "--data", "synthetic", "--steps", "3", "--batch-size", "2",
            "--num-workers", "0", "--out", str(out), "--warmup-steps", "1", "--lr", "1e-3", "--log-every", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -213,3 +213,16 @@ def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path):
     ckpt = torch.load(out / "encoder.pt", weights_only=True)
     assert ckpt["step"] >= 2
     assert not [f for f in os.listdir(out) if ".tmp" in f]  # no half-written file left behind
+
+
+def test_folder_and_openimages_together_are_their_union(tmp_path):
+    folder = tmp_path / "imnet" / "n0001"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        data.synthetic_image(i, size=32).save(folder / f"{i}.png")
+    oi = tmp_path / "oi"
+    oi.mkdir()
+    data.synthetic_image(9, size=64).save(oi / "img9.jpg")
+    (oi / "boxes.csv").write_text("ImageID,XMin,XMax,YMin,YMax\nimg9,0.0,0.5,0.0,0.5\n")
+    ds = data.ConceptImages(str(tmp_path / "imnet"), str(oi), 32)
+    assert len(ds) == 4 and ds.items[-1][1] == (0.0, 0.5, 0.0, 0.5)
