@@ -24,6 +24,7 @@ import re
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 LORA_PROJECTIONS = ("to_q", "to_k", "to_v")
 # Module paths of the attention layers inside transformer blocks, e.g.
@@ -148,16 +149,13 @@ class DualPathAttnProcessor:
             attention_mask = attn.prepare_attention_mask(attention_mask, k.shape[1], N)
             attention_mask = attention_mask.view(N, attn.heads, -1, attention_mask.shape[-1])
             attention_mask = attention_mask.repeat(M // N, 1, 1, 1)
-        head_dim = k.shape[-1] // attn.heads
-        q = q.view(M, -1, attn.heads, head_dim).transpose(1, 2)  # (M, heads, Lq, hd)
-        k = k.view(M, -1, attn.heads, head_dim).transpose(1, 2)  # (M, heads, Lk, hd)
-        v = v.view(M, -1, attn.heads, head_dim).transpose(1, 2)
+        q, k, v = (rearrange(x, "m l (h d) -> m h l d", h=attn.heads) for x in (q, k, v))  # (M, heads, L, hd)
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(M, -1, attn.heads * head_dim).to(q.dtype)  # (M, Lq, inner)
+        out = rearrange(out, "m h l d -> m l (h d)").to(q.dtype)  # (M, Lq, inner)
         if M != N:
             out_soft, out_hard = out[:N], out[N:]
             out = alpha * out_soft + (1 - alpha) * out_hard  # Eq. (5), before the affine to_out

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 # The CLIP BPE vocabulary shared by SD 1.5 and all three presets (49,408 tokens).
 BOS_ID, EOS_ID = 49406, 49407
@@ -180,7 +181,7 @@ def _text_config(width: int = 768, mlp: int = 3072, layers: int = 12, heads: int
     )
 
 
-def _build_random(preset: str, device) -> dict:
+def _build_random(preset: str, device, with_image_encoder: bool = True) -> dict:
     """Build the architectures with random weights (sd15-arch, tiny)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from open_clip.transformer import VisionTransformer
@@ -196,7 +197,7 @@ def _build_random(preset: str, device) -> dict:
             # device="meta") also builds the text tower and takes ~15 s on 2 cores.
             image_encoder = VisionTransformer(
                 image_size=224, patch_size=14, width=1280, layers=32, heads=16, mlp_ratio=4.0, output_dim=1024
-            )
+            ) if with_image_encoder else None
         return dict(unet=unet, vae=vae, text_encoder=text_encoder, image_encoder=image_encoder)
 
     assert preset == "tiny"
@@ -225,10 +226,11 @@ def _build_random(preset: str, device) -> dict:
             scaling_factor=0.18215,
         )
         text_encoder = CLIPTextModel(_text_config(width=32, mlp=64, layers=2, heads=4))
+        # Built even when not wanted, so that the seeded weights never depend on the flag.
         image_encoder = VisionTransformer(
             image_size=224, patch_size=32, width=64, layers=2, heads=4, mlp_ratio=2.0, output_dim=32
         )
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, image_encoder=image_encoder)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, image_encoder=image_encoder if with_image_encoder else None)
 
 
 def load_components(
@@ -265,9 +267,7 @@ def load_components(
             image_encoder = clip_model.visual
         parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, image_encoder=image_encoder)
     else:
-        parts = _build_random(preset, device)
-        if not with_image_encoder:
-            parts["image_encoder"] = None
+        parts = _build_random(preset, device, with_image_encoder)
         tokenizer = build_tokenizer()
         scheduler = DDPMScheduler(**sd15_scheduler_config())
         base = clip = ""
@@ -386,8 +386,7 @@ def nearest_tokens(v: torch.Tensor, token_table: torch.Tensor, k: int = 1, exclu
 def clip_spatial_features(image_encoder, clip_image: torch.Tensor) -> torch.Tensor:
     """open_clip ViT last-layer patch tokens as a map: (B, 3, 224, 224) -> (B, W, g, g)."""
     _, tokens = image_encoder(clip_image.to(next(image_encoder.parameters()).dtype))  # (B, g*g, W)
-    g = int(math.isqrt(tokens.shape[1]))
-    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, g, g)
+    return rearrange(tokens, "b (h w) c -> b c h w", h=math.isqrt(tokens.shape[1]))  # (B, W, g, g)
 
 
 @torch.no_grad()
