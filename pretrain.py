@@ -84,6 +84,10 @@ def check_config(cfg: Config):
                       ("--log-every", cfg.log_every)):
         if val <= 0:
             raise model.UserError(f"{flag} must be positive, got {val}")
+    if cfg.data not in (None, data_lib.SYNTHETIC) and not os.path.isdir(cfg.data):
+        raise model.UserError(f"--data: no such folder: {cfg.data}")
+    if cfg.openimages is not None and not os.path.isdir(cfg.openimages):
+        raise model.UserError(f"--openimages: no such folder: {cfg.openimages}")
     if cfg.resume not in (None, "auto") and not os.path.isfile(cfg.resume):
         raise model.UserError(f"--resume: no such checkpoint: {cfg.resume}")
 
