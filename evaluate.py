@@ -105,8 +105,10 @@ class ClipMetric:
 
         if preset == "sd15":
             self.model = open_clip.create_model("ViT-B-16", pretrained=pretrained, device=device)
+        elif preset == "sd15-arch":  # the real architecture, random weights (like the other parts)
+            self.model = open_clip.create_model("ViT-B-16", pretrained=None, device=device)
         else:
-            # NOTE: sd15-arch and tiny have no real weights; a tiny random CLIP exercises the code path.
+            # NOTE: tiny has no real weights; a tiny random CLIP exercises the code path.
             from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
             with torch.random.fork_rng(devices=[]):
@@ -354,7 +356,7 @@ def main(cfg: Config):
         summary[variant] = {"identity": mean_se([r["identity"] for r in cells]),
                             "prompt": mean_se([r["prompt"] for r in cells])}
     report = {"preset": preset, "encoder": cfg.encoder, "config": dataclasses.asdict(cfg), "prompts": prompts,
-              "metric_model": "ViT-B-16/" + (cfg.eval_clip if preset == "sd15" else "tiny-random"),
+              "metric_model": {"sd15": "ViT-B-16/" + cfg.eval_clip, "sd15-arch": "ViT-B-16/random"}.get(preset, "tiny-random"),
               "summary": summary, "variants": results, "reused": reused}
     write_text(os.path.join(cfg.out, "metrics.json"), json.dumps(report, indent=2))
     write_text(os.path.join(cfg.out, "metrics.md"), markdown_table(summary, len(files), len(prompts), cfg.num_images))

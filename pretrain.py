@@ -317,6 +317,8 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
                     ips = images_since / max(1e-9, time.time() - t_log)
                     t_log, images_since = time.time(), 0
                     if master:
+                        bar.write(f"step {step}: loss {terms['loss'].item():.4f}, {ips:.1f} images/s, "
+                                  f"peak {model.peak_memory_gb(device):.2f} GB", file=sys.stderr)
                         rec = {"step": step, **{k: round(v.item(), 6) for k, v in terms.items()},
                                "lr": sched.get_last_lr()[0], "images_per_s": round(ips, 3),
                                "peak_gb": round(model.peak_memory_gb(device), 3)}
