@@ -129,10 +129,6 @@ class Components:
         """The frozen token-embedding table of the text encoder, (49408, token_dim)."""
         return self.text_encoder.get_input_embeddings().weight
 
-    @property
-    def vae_scale(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
 
 def _sd15_unet_kwargs() -> dict:
     return dict(
@@ -503,7 +499,7 @@ class TuningEncoder(nn.Module):
 
 def build_encoder(comps: Components, layer_names: list[str]) -> TuningEncoder:
     """A TuningEncoder sized for this preset's backbones (on CPU, fp32)."""
-    clip_w = comps.image_encoder.transformer.width if comps.image_encoder is not None else comps.extras["clip_width"]
+    clip_w = comps.image_encoder.transformer.width  # needs the components loaded with their image tower
     unet_w = comps.unet.config.block_out_channels[-1]
     return TuningEncoder(comps.cfg, clip_w, unet_w, layer_names, lora_shapes(comps.unet, layer_names))
 
@@ -618,6 +614,12 @@ def frozen_dtype(device) -> torch.dtype:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync(device):
+    """Wait for queued GPU work, so that wall-clock timings are true."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def device_name(device) -> str:

@@ -122,11 +122,6 @@ def save_png(image, path: str):
     os.replace(tmp, path)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def check_config(cfg: Config):
     if not cfg.prompt.strip():
         raise UserError("--prompt must not be empty")
@@ -179,10 +174,10 @@ def main(cfg: Config):
         torch.cuda.reset_peak_memory_stats(device)
 
     # 3) Generate.
-    _sync(device)
+    model.sync(device)
     t0 = time.perf_counter()
     images = generate(pipe, comps, concept, cfg.prompt, **args, seed=cfg.seed)
-    _sync(device)
+    model.sync(device)
     s_per_image = (time.perf_counter() - t0) / cfg.num_images
 
     # 4) Write PNGs (atomically) and a grid.
@@ -199,10 +194,10 @@ def main(cfg: Config):
         plain_prompt = cfg.prompt.replace(concept["placeholder"], concept["token"]) if concept else cfg.prompt
         if cfg.compile:
             generate(pipe, comps, None, plain_prompt, **{**args, "steps": 2}, seed=cfg.seed)
-        _sync(device)
+        model.sync(device)
         t1 = time.perf_counter()
         generate(pipe, comps, None, plain_prompt, **args, seed=cfg.seed)
-        _sync(device)
+        model.sync(device)
         plain = (time.perf_counter() - t1) / cfg.num_images
         print(json.dumps({"what": "sample", "preset": preset, "device": model.device_name(device),
                           "num_images": cfg.num_images, "steps": cfg.steps, "compile": cfg.compile,

@@ -101,11 +101,6 @@ def build_tuning_encoder(ckpt, comps, names, seed: int) -> model.TuningEncoder:
     return pretrain.encoder_from_checkpoint(ckpt, comps)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def concept_denoise_loss(comps, concept: dict, latents: torch.Tensor, seed: int, alpha: float | None = None) -> float:
     """Eq. (1) of a concept on given clean latents, with noise, t and prompts fixed by `seed`.
 
@@ -165,7 +160,7 @@ def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = Fa
         del encoder
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    _sync(device)
+    model.sync(device)
     encoder_s = time.perf_counter() - t0
 
     # 2) Latents of the augmented views, computed once.
@@ -178,7 +173,7 @@ def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = Fa
     anchors = [v0] + [p for AB in lora0.values() for p in AB]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     step_losses = []
-    _sync(device)
+    model.sync(device)
     t1 = time.perf_counter()
     for step in range(cfg.steps):
         gstep = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
@@ -197,7 +192,7 @@ def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = Fa
         opt.step()
         step_losses.append(loss.item())
         log(f"step {step + 1}/{cfg.steps}  loss {step_losses[-1]:.5f}  (Eq. 1: {diff.item():.5f})")
-    _sync(device)
+    model.sync(device)
     loop_s = time.perf_counter() - t1
 
     # 4) The concept file's content (DESIGN.md §7).
