@@ -309,14 +309,13 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
                 bad_images += int(batch["bad"].sum())
                 images_since += cfg.batch_size * world
                 bar.update(1)
-                if master:
-                    bar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()})
-                if step % cfg.log_every == 0 or step == last:
+                if step % cfg.log_every == 0 or step == last:  # (.item() waits for the GPU: only here)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     ips = images_since / max(1e-9, time.time() - t_log)
                     t_log, images_since = time.time(), 0
                     if master:
+                        bar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()})
                         bar.write(f"step {step}: loss {terms['loss'].item():.4f}, {ips:.1f} images/s, "
                                   f"peak {model.peak_memory_gb(device):.2f} GB", file=sys.stderr)
                         rec = {"step": step, **{k: round(v.item(), 6) for k, v in terms.items()},

@@ -197,7 +197,7 @@ def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = Fa
 
     # 4) The concept file's content (DESIGN.md §7).
     v_final = v.detach()[0].cpu()
-    token_id = int(model.nearest_tokens(v_final[None], comps.token_table.cpu(), k=1)[0][0, 0])
+    token_id = int(model.nearest_tokens(v.detach(), comps.token_table, k=1)[0][0, 0])
     concept = {
         "format": model.CONCEPT_FORMAT,
         "placeholder": cfg.placeholder,
