@@ -291,6 +291,12 @@ def load_components(
 # Prompts with a soft token (Sec. 3.1: "a photo of S*" -> v* at the position of S*)
 
 
+@functools.lru_cache(maxsize=4096)
+def _piece_ids(tokenizer, piece: str) -> tuple[int, ...]:
+    """Token ids of a piece of prompt text, no special tokens (cached: templates repeat)."""
+    return tuple(tokenizer(piece, add_special_tokens=False).input_ids)
+
+
 def tokenize_with_placeholder(tokenizer, prompts: list[str], placeholder: str = PLACEHOLDER):
     """Token ids (B, 77) and a mask (B, 77) of where the placeholder sits.
 
@@ -304,7 +310,7 @@ def tokenize_with_placeholder(tokenizer, prompts: list[str], placeholder: str = 
         row, slots = [BOS_ID], []
         pieces = prompt.split(placeholder)
         for j, piece in enumerate(pieces):
-            row += tokenizer(piece, add_special_tokens=False).input_ids
+            row += _piece_ids(tokenizer, piece)
             if j < len(pieces) - 1:
                 slots.append(len(row))
                 row.append(0)
