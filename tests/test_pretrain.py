@@ -226,3 +226,16 @@ def test_folder_and_openimages_together_are_their_union(tmp_path):
     (oi / "boxes.csv").write_text("ImageID,XMin,XMax,YMin,YMax\nimg9,0.0,0.5,0.0,0.5\n")
     ds = data.ConceptImages(str(tmp_path / "imnet"), str(oi), 32)
     assert len(ds) == 4 and ds.items[-1][1] == (0.0, 0.5, 0.0, 0.5)
+
+
+def test_resume_with_more_steps_matches_a_straight_run_within_warmup(tmp_path):
+    # `--steps 3` then `--steps 6 --resume auto`: the learning rate of the first steps depends only
+    # on the warm-up (1000 steps by default), so this equals `--steps 6` in one go.
+    a = _cfg(tmp_path / "a", steps=6, warmup_steps=1000)
+    pretrain.main(a)
+    pretrain.main(_cfg(tmp_path / "b", steps=3, warmup_steps=1000))
+    b = _cfg(tmp_path / "b", steps=6, warmup_steps=1000, resume="auto")
+    pretrain.main(b)
+    wa = torch.load(os.path.join(a.out, "encoder.pt"), weights_only=True)["encoder"]
+    wb = torch.load(os.path.join(b.out, "encoder.pt"), weights_only=True)["encoder"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
