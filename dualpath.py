@@ -56,7 +56,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, AB, scale: float) -> torch.Tensor
     if AB is None:
         return y
     A, B = AB
-    return y + scale * torch.matmul(torch.matmul(x, A.to(x.dtype)), B.to(x.dtype))  # (N, L, D_out)
+    return y + scale * torch.matmul(torch.matmul(x, A.to(x.dtype)), B.to(x.dtype))  # Eq. (2): (N, L, D_out)
 
 
 def lora_linear(x: torch.Tensor, linear: torch.nn.Linear, AB, scale: float) -> torch.Tensor:

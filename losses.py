@@ -19,7 +19,7 @@ from model import SPECIAL_IDS, nearest_tokens
 
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Eq. (1): mean squared error between the UNet's prediction and the noise, in fp32."""
-    return F.mse_loss(pred.float(), target.float())
+    return F.mse_loss(pred.float(), target.float())  # Eq. (1)
 
 
 def nn_contrastive_loss(
@@ -60,7 +60,7 @@ def nn_contrastive_loss(
 
 def embedding_l2(v: torch.Tensor) -> torch.Tensor:
     """Eq. (4): ||v*||^2, averaged over the batch. v (B, D)."""
-    return v.float().pow(2).sum(-1).mean()
+    return v.float().pow(2).sum(-1).mean()  # Eq. (4)
 
 
 def hyperweight_l2(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,7 @@ def hyperweight_l2(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     A, B = A.float(), B.float()
     gram_a = A.transpose(1, 2) @ A  # (N, r, r)
     gram_b = B @ B.transpose(1, 2)  # (N, r, r)
-    return (gram_a * gram_b).sum(dim=(1, 2)).mean()
+    return (gram_a * gram_b).sum(dim=(1, 2)).mean()  # Sec. 4.1: ||Delta W||^2
 
 
 def anchor_l2(tensors, anchors) -> torch.Tensor:
