@@ -168,8 +168,8 @@ def main(cfg: Config):
         pipe.unet = torch.compile(comps.unet, mode=mode)
     args = dict(negative_prompt=cfg.negative_prompt, num_images=cfg.num_images, steps=cfg.steps, guidance=cfg.guidance,
                 alpha_blend=cfg.alpha_blend)
-    if cfg.compile:  # warm-up (compilation, graph capture) is not counted
-        generate(pipe, comps, concept, cfg.prompt, **{**args, "steps": 2}, seed=cfg.seed)
+    if cfg.compile:  # warm-up (compilation, CUDA-graph warm-up and capture) is not counted
+        generate(pipe, comps, concept, cfg.prompt, **{**args, "steps": 3}, seed=cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -193,7 +193,7 @@ def main(cfg: Config):
         # Plain SD, same prompt with the concept's real token, same run, same settings.
         plain_prompt = cfg.prompt.replace(concept["placeholder"], concept["token"]) if concept else cfg.prompt
         if cfg.compile:
-            generate(pipe, comps, None, plain_prompt, **{**args, "steps": 2}, seed=cfg.seed)
+            generate(pipe, comps, None, plain_prompt, **{**args, "steps": 3}, seed=cfg.seed)
         model.sync(device)
         t1 = time.perf_counter()
         generate(pipe, comps, None, plain_prompt, **args, seed=cfg.seed)
