@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFile, ImageOps
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from model import CLIP_MEAN, CLIP_STD, PLACEHOLDER
+from model import CLIP_MEAN, CLIP_STD, PLACEHOLDER, atomic_write
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SYNTHETIC = "synthetic"
@@ -314,9 +314,8 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=512)
     a = p.parse_args(argv)
     os.makedirs(os.path.dirname(a.example) or ".", exist_ok=True)
-    tmp = a.example + ".tmp.png"
-    synthetic_image(a.index, size=a.size).save(tmp)
-    os.replace(tmp, a.example)
+    image = synthetic_image(a.index, size=a.size)
+    atomic_write(a.example, image.save)
     print(f"wrote {a.example}", file=sys.stderr)
 
 

@@ -260,17 +260,16 @@ def plot_tradeoff(summary: dict, path: str):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp)
+    model.atomic_write(path, fig.savefig)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_text(path: str, text: str):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    model.atomic_write(path, write)
 
 
 def markdown_table(summary: dict, n_concepts: int, n_prompts: int, num_images: int) -> str:

@@ -643,17 +643,25 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports kB
 
 
-def atomic_save(obj, path: str):
-    """torch.save to a temp file beside `path`, then rename: never a half-written file."""
+def atomic_write(path: str, write):
+    """write(tmp) to a temp file beside `path` (same extension, so image writers keep their
+    format), then rename over `path`: never a half-written file, and a failed write leaves
+    neither the temp file nor a clobbered `path`."""
     import os
 
-    tmp = f"{path}.tmp{os.getpid()}"
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_save(obj, path: str):
+    """torch.save, atomically (see atomic_write)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def config_parser(cls, description: str, required=(), choices=None):

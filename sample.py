@@ -117,9 +117,7 @@ def grid(images):
 
 
 def save_png(image, path: str):
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    image.save(tmp)
-    os.replace(tmp, path)
+    model.atomic_write(path, image.save)
 
 
 def check_config(cfg: Config):
