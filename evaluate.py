@@ -1,20 +1,27 @@
 """
-evaluate.py -- CLIP identity and prompt similarity (Sec. 5.1) for the paper's ablations (Sec. 5.4).
+evaluate.py -- CLIP identity and prompt similarity (Sec. 5.1) for every comparison of Sec. 5.
 
-For every concept image and every variant, tune a concept (tune.py's tune_concept), generate
---num-images images per prompt (sample.py's generate), and score them with open_clip ViT-B-16:
+For every concept image and every variant, tune a concept (tune.py's tune_concept or
+baseline_concept), generate --num-images images per prompt (sample.py's generate), and score
+them with open_clip ViT-B-16 (QuickGELU, as the OpenAI weights were trained):
     identity (CLIP-I)  mean cosine between the input image and each generated image
     prompt   (CLIP-T)  mean cosine between each generated image and its prompt with S*
                        replaced by the concept's class noun ("a photo of S* on the beach"
                        -> "a photo of dog on the beach")
-Variants (Sec. 5.4, Fig. 5b): full | no_tuning (0 steps) | no_dual_path (alpha = 1) |
-no_hypernet (LoRA starts at zero; only the embedding comes from the encoder).
+Variants
+    Fig. 5b ablations (Sec. 5.4): full | no_tuning (0 steps) | no_dual_path (alpha = 1) |
+        no_hypernet (an encoder pre-trained with --no-hypernet: --no-hypernet-encoder PATH) |
+        lora_from_zero (the full encoder, its predicted LoRA replaced by a zero LoRA at tuning time)
+    Fig. 5a one-image baselines (Sec. 5.3): textual_inversion | lora
+    --variants paper runs all of them.
 
     python evaluate.py --images eval_set/ --prompts prompts.txt
-    python evaluate.py --images eval_set/ --preset tiny --encoder random --num-images 2 --steps 10
+    python evaluate.py --images eval_set/ --variants paper --no-hypernet-encoder runs/nohyper/encoder.pt
+    python evaluate.py --images examples/ --preset tiny --encoder random --num-images 2 --steps 10
 
-Writes OUT/metrics.json, OUT/metrics.md (a table), OUT/tradeoff.png (Fig. 5 style) and the
-images under OUT/images/. Re-running with the same --out reuses finished concepts and images.
+Writes OUT/metrics.json, OUT/metrics.md (a table with tuning times), OUT/tradeoff.png (Fig. 5a
+and 5b panels) and the images under OUT/images/. Re-running with the same --out reuses finished
+concepts and images.
 """
 from __future__ import annotations
 
@@ -31,12 +38,14 @@ import torch
 from tqdm import tqdm
 
 import data as data_lib
-import dualpath
 import model
 import sample
 import tune
 
-VARIANTS = ("full", "no_tuning", "no_dual_path", "no_hypernet")
+ABLATIONS = ("full", "no_tuning", "no_dual_path", "no_hypernet", "lora_from_zero")  # Fig. 5b
+BASELINES = ("textual_inversion", "lora")  # Fig. 5a, beside "full"
+VARIANTS = ABLATIONS + BASELINES
+DEFAULT_VARIANTS = ("full", "no_tuning", "no_dual_path", "lora_from_zero")  # need only the one encoder
 
 # Our built-in evaluation prompts: recontextualisation, style, and property changes.
 DEFAULT_PROMPTS = [
@@ -68,20 +77,25 @@ class Config:
     images: str = ""  # folder: one concept per image file (classes.csv `file,noun` optional)
     prompts: str | None = None  # one prompt per line, each with S*; default: the built-in list
     encoder: str = "runs/pretrain/encoder.pt"  # pretrain.py checkpoint, or "random"
+    no_hypernet_encoder: str | None = None  # pretrain.py --no-hypernet checkpoint, for the no_hypernet variant
     preset: str | None = None  # default: the one recorded in the encoder checkpoint
-    variants: str = ",".join(VARIANTS)  # comma list of full, no_tuning, no_dual_path, no_hypernet
+    variants: str = ",".join(DEFAULT_VARIANTS)  # comma list from: full, no_tuning, no_dual_path, no_hypernet, lora_from_zero, textual_inversion, lora; or "paper" (all)
     num_images: int = 4  # generated images per prompt
     steps: int = 50  # DDIM sampling steps
-    guidance: float = 7.5
-    tune_steps: int = 12  # tuning steps of the variants that tune
-    batch_size: int = 16  # tuning batch
-    seed: int = 0
-    out: str = "runs/eval"
+    guidance: float = 7.5  # classifier-free guidance scale
+    tune_steps: int = 12  # tuning steps of the DATE variants that tune
+    batch_size: int = 16  # tuning batch (augmented views), for every variant and baseline
+    ti_steps: int = 3000  # textual_inversion baseline: steps (diffusers' textual_inversion example)
+    ti_lr: float = 5e-4  # textual_inversion baseline: lr (diffusers' textual_inversion example)
+    lora_steps: int = 2000  # lora baseline: steps (Sec. 5.1 quotes 2,000 for LoRA-PTI)
+    lora_lr: float = 1e-4  # lora baseline: LoRA lr (cloneofsimo/lora PTI default; v uses 5e-4)
+    seed: int = 0  # fixes tuning and sampling
+    out: str = "runs/eval"  # output folder (metrics, plot, concepts, images)
     fresh: bool = False  # ignore what an earlier run with the same --out finished
-    device: str | None = None
-    base: str = model.SD15_BASE
-    clip: str = model.SD15_CLIP[1]
-    eval_clip: str = "openai"  # sd15: open_clip ViT-B-16 pretrained tag (or a local file)
+    device: str | None = None  # default: cuda if available, else cpu
+    base: str = model.SD15_BASE  # sd15: SD 1.5 hub id or local folder
+    clip: str = model.SD15_CLIP[1]  # sd15: open_clip tag or local file for ViT-H-14
+    eval_clip: str = "openai"  # sd15: open_clip ViT-B-16 pretrained tag, or a local file of the OpenAI weights
 
 
 UserError = model.UserError  # bad input: one line on stderr, exit code 2
@@ -97,28 +111,39 @@ def parse_args(argv=None) -> Config:
 # The metric model (Sec. 5.1: "All reported metrics are based on a pre-trained ViT-B-16 model")
 
 
+def metric_clip_model(preset: str, pretrained: str, device):
+    """The metric CLIP of Sec. 5.1: ViT-B-16 with its OpenAI weights (sd15), the same
+    architecture with random weights (sd15-arch), or a tiny seeded random CLIP (tiny).
+
+    The OpenAI weights were trained with QuickGELU; model.open_clip_model builds the
+    activation the weights need (open_clip's plain "ViT-B-16" has nn.GELU).
+    """
+    import open_clip
+
+    if preset == "sd15":  # a local file is taken to hold the OpenAI weights
+        return model.open_clip_model("ViT-B-16", pretrained, device, file_quick_gelu=True)
+    if preset == "sd15-arch":  # the real architecture (OpenAI's, QuickGELU), random weights
+        return model.open_clip_model("ViT-B-16", None, device, file_quick_gelu=True, quick_gelu=True)
+    # NOTE: tiny has no real weights; a tiny random CLIP exercises the code path.
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return open_clip.CLIP(
+            embed_dim=32,
+            vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=16, patch_size=32, image_size=224),
+            text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=4, layers=2),
+            quick_gelu=True,
+        ).to(device)
+
+
 class ClipMetric:
-    """open_clip ViT-B-16 (openai weights for sd15; a tiny seeded random CLIP for tiny)."""
+    """CLIP-I and CLIP-T with the metric CLIP (see metric_clip_model)."""
 
     def __init__(self, preset: str, device, pretrained: str = "openai"):
         import open_clip
 
-        if preset == "sd15":
-            self.model = open_clip.create_model("ViT-B-16", pretrained=pretrained, device=device)
-        elif preset == "sd15-arch":  # the real architecture, random weights (like the other parts)
-            self.model = open_clip.create_model("ViT-B-16", pretrained=None, device=device)
-        else:
-            # NOTE: tiny has no real weights; a tiny random CLIP exercises the code path.
-            from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                self.model = open_clip.CLIP(
-                    embed_dim=32,
-                    vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=16, patch_size=32, image_size=224),
-                    text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=4, layers=2),
-                ).to(device)
-        self.model.eval().requires_grad_(False)
+        self.model = metric_clip_model(preset, pretrained, device).eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer("ViT-B-16")  # the CLIP BPE, shipped with open_clip
         self.device = device
         self.last_texts: list[str] = []  # what the text tower was fed last (for tests and debugging)
@@ -174,18 +199,33 @@ def mean_se(values: list[float]) -> dict:
 
 
 def variant_config(cfg: Config, variant: str, image_path: str) -> tune.Config:
-    """tune.py settings of one ablation variant (Sec. 5.4)."""
-    tc = tune.Config(image=image_path, encoder=cfg.encoder, steps=cfg.tune_steps, batch_size=cfg.batch_size, seed=cfg.seed)
+    """tune.py settings of one DATE variant (Sec. 5.4)."""
+    tc = tune.Config(image=image_path, encoder=cfg.encoder, steps=cfg.tune_steps, batch_size=cfg.batch_size,
+                     seed=cfg.seed, base=cfg.base, clip=cfg.clip)
     if variant == "no_tuning":
         tc.steps = 0
     elif variant == "no_dual_path":
         tc.alpha_blend = 1.0
-    elif variant == "no_hypernet":
+    elif variant == "no_hypernet":  # the paper's ablation: an encoder pre-trained without one
+        tc.encoder = cfg.no_hypernet_encoder
+    elif variant == "lora_from_zero":  # the full encoder's LoRA dropped at tuning time
         tc.hypernet = False
     return tc
 
 
-def cached_concept(path: str, tc: tune.Config) -> dict | None:
+def variant_settings(cfg: Config, variant: str) -> dict:
+    """What fixes a variant's concept (compared with a cached concept's recorded settings)."""
+    if variant in BASELINES:
+        steps, lr = (cfg.ti_steps, cfg.ti_lr) if variant == "textual_inversion" else (cfg.lora_steps, cfg.lora_lr)
+        return {"method": variant, "steps": steps, "lr": lr, "batch_size": cfg.batch_size, "seed": cfg.seed,
+                "alpha_blend": 1.0}
+    tc = variant_config(cfg, variant, "")
+    return {"method": "date", "steps": tc.steps, "lr": tc.lr, "batch_size": tc.batch_size, "seed": tc.seed,
+            "encoder": tc.encoder, "hypernet": variant not in ("no_hypernet", "lora_from_zero"),
+            "alpha_blend": tc.alpha_blend}
+
+
+def cached_concept(path: str, settings: dict) -> dict | None:
     """The concept a previous run saved at `path`, if it was tuned with the same settings."""
     if not os.path.isfile(path):
         return None
@@ -193,10 +233,8 @@ def cached_concept(path: str, tc: tune.Config) -> dict | None:
         concept = model.load_concept(path)
     except ValueError:
         return None
-    t = concept.get("tuning", {})
-    same = (t.get("steps"), t.get("lr"), t.get("batch_size"), t.get("seed"), t.get("hypernet"), t.get("encoder"),
-            concept.get("alpha_blend")) == (tc.steps, tc.lr, tc.batch_size, tc.seed, tc.hypernet, tc.encoder, tc.alpha_blend)
-    return concept if same else None
+    recorded = {**concept.get("tuning", {}), "alpha_blend": concept.get("alpha_blend")}
+    return concept if all(recorded.get(k) == v for k, v in settings.items()) else None
 
 
 def image_key(concept: dict, prompt: str, cfg: Config) -> str:
@@ -230,35 +268,54 @@ def check_inputs(cfg: Config):
     files = sorted(f for f in os.listdir(cfg.images) if os.path.splitext(f)[1].lower() in data_lib.IMAGE_EXTS)
     if not files:
         raise UserError(f"--images: no image files in {cfg.images}")
-    variants = [v.strip() for v in cfg.variants.split(",") if v.strip()]
+    variants = list(VARIANTS) if cfg.variants.strip() == "paper" else [v.strip() for v in cfg.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
-        raise UserError(f"--variants: unknown {unknown or cfg.variants!r}; choose from {', '.join(VARIANTS)}")
-    for flag, val in (("--num-images", cfg.num_images), ("--steps", cfg.steps), ("--batch-size", cfg.batch_size)):
+        raise UserError(f"--variants: unknown {unknown or cfg.variants!r}; choose from {', '.join(VARIANTS)} or paper")
+    for flag, val in (("--num-images", cfg.num_images), ("--steps", cfg.steps), ("--batch-size", cfg.batch_size),
+                      ("--ti-steps", cfg.ti_steps), ("--lora-steps", cfg.lora_steps)):
         if val <= 0:
             raise UserError(f"{flag} must be positive, got {val}")
     if cfg.tune_steps < 0:
         raise UserError(f"--tune-steps must be >= 0, got {cfg.tune_steps}")
+    if "no_hypernet" in variants and not cfg.no_hypernet_encoder:
+        raise UserError("the no_hypernet variant needs an encoder pre-trained without the hypernetwork: "
+                        "train one with `python pretrain.py --no-hypernet ...` and pass --no-hypernet-encoder PATH")
     return files, variants, read_prompts(cfg)
 
 
 def plot_tradeoff(summary: dict, path: str):
-    """Prompt similarity (x) vs identity (y), one labelled point per variant with SE bars (Fig. 5)."""
+    """Fig. 5 style: prompt similarity (x) vs identity (y), one point per variant with SE bars.
+
+    Panel (a): DATE ("full") beside the one-image baselines, labelled with their mean tuning
+    time; panel (b): the ablations. A panel with no variant of its own is left out.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    for name, s in summary.items():
-        ax.errorbar(s["prompt"]["mean"], s["identity"]["mean"], xerr=s["prompt"]["se"], yerr=s["identity"]["se"],
-                    fmt="o", capsize=3, label=name)
-        ax.annotate(name, (s["prompt"]["mean"], s["identity"]["mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set_xlabel("prompt similarity (CLIP-T)")
-    ax.set_ylabel("identity similarity (CLIP-I)")
-    ax.set_title("identity vs. prompt trade-off")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    panels = [("(a) methods, one image", ["full"] + [v for v in BASELINES if v in summary]),
+              ("(b) ablations", [v for v in ABLATIONS if v in summary])]
+    panels = [(title, [v for v in names if v in summary]) for title, names in panels if len(names) > 1]
+    panels = panels or [("identity vs. prompt", list(summary))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), dpi=120, squeeze=False)
+    for ax, (title, names) in zip(axes[0], panels):
+        for k, name in enumerate(names):
+            s = summary[name]
+            x, y = s["prompt"]["mean"], s["identity"]["mean"]
+            ax.errorbar(x, y, xerr=s["prompt"]["se"], yerr=s["identity"]["se"], fmt="o", capsize=3, label=name)
+            label = f"{name} ({s['tune_s']['mean']:.1f} s)" if title.startswith("(a)") else name
+            # Labels fan out (alternating sides, stepped vertically) so that close points stay readable.
+            ax.annotate(label, (x, y), textcoords="offset points", fontsize=7,
+                        xytext=(8 if k % 2 == 0 else -8, 6 + 7 * (k // 2)), ha="left" if k % 2 == 0 else "right")
+        ax.set_xlabel("prompt similarity (CLIP-T)")
+        ax.set_ylabel("identity similarity (CLIP-I)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.margins(0.25)
+        ax.locator_params(nbins=5)
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     model.atomic_write(path, fig.savefig)
     plt.close(fig)
@@ -274,12 +331,42 @@ def write_text(path: str, text: str):
 
 def markdown_table(summary: dict, n_concepts: int, n_prompts: int, num_images: int) -> str:
     lines = [f"Identity (CLIP-I) and prompt (CLIP-T) similarity, mean ± standard error over "
-             f"{n_concepts} concept(s) × {n_prompts} prompt(s), {num_images} image(s) each.", "",
-             "| variant | identity (CLIP-I) | prompt (CLIP-T) |", "|---|---|---|"]
+             f"{n_concepts} concept(s) × {n_prompts} prompt(s), {num_images} image(s) each; tuning time per "
+             f"concept (wall clock, mean ± SE).", "",
+             "| variant | identity (CLIP-I) | prompt (CLIP-T) | tuning time (s) |", "|---|---|---|---|"]
     for name, s in summary.items():
         lines.append(f"| {name} | {s['identity']['mean']:.4f} ± {s['identity']['se']:.4f} | "
-                     f"{s['prompt']['mean']:.4f} ± {s['prompt']['se']:.4f} |")
+                     f"{s['prompt']['mean']:.4f} ± {s['prompt']['se']:.4f} | "
+                     f"{s['tune_s']['mean']:.2f} ± {s['tune_s']['se']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def make_concept(cfg: Config, variant: str, comps, encoders: dict, image, image_path: str, noun: str) -> dict:
+    """Tune one concept of one variant, through the same functions tune.py runs."""
+    if variant in BASELINES:
+        st = variant_settings(cfg, variant)
+        concept, _ = tune.baseline_concept(comps, image, variant, noun, steps=st["steps"], lr=st["lr"],
+                                           batch_size=cfg.batch_size, seed=cfg.seed, log=lambda s: None)
+        return concept
+    tc = variant_config(cfg, variant, image_path)
+    concept, _ = tune.tune_concept(comps, encoders[tc.encoder], image, tc, log=lambda s: None)
+    return concept
+
+
+def load_encoders(cfg: Config, variants: list[str], comps, names, device) -> dict:
+    """{checkpoint path: encoder} for the variants that need one (the no_hypernet ablation has its own)."""
+    ckpt, _ = tune.load_encoder_checkpoint(tune.Config(encoder=cfg.encoder, preset=comps.preset, base=cfg.base,
+                                                       clip=cfg.clip), prog="evaluate.py")
+    encoders = {cfg.encoder: tune.build_tuning_encoder(ckpt, comps, names, cfg.seed).to(device)}
+    if "no_hypernet" in variants:
+        path = cfg.no_hypernet_encoder
+        ckpt, _ = tune.load_encoder_checkpoint(tune.Config(encoder=path, preset=comps.preset, base=cfg.base,
+                                                           clip=cfg.clip), prog="evaluate.py")
+        if ckpt is None or ckpt.get("hypernet", True):
+            raise UserError(f"--no-hypernet-encoder {path} was trained with a hypernetwork; "
+                            f"train one with `python pretrain.py --no-hypernet ...`")
+        encoders[path] = tune.build_tuning_encoder(ckpt, comps, names, cfg.seed).to(device)
+    return encoders
 
 
 def main(cfg: Config):
@@ -294,13 +381,13 @@ def main(cfg: Config):
             images[f] = data_lib.load_image(os.path.join(cfg.images, f))
         except data_lib.BadImage as e:
             raise UserError(str(e)) from None
-    ckpt, preset = tune.load_encoder_checkpoint(tune.Config(encoder=cfg.encoder, preset=cfg.preset))
+    _, preset = tune.load_encoder_checkpoint(tune.Config(encoder=cfg.encoder, preset=cfg.preset, base=cfg.base,
+                                                         clip=cfg.clip), prog="evaluate.py")
 
-    # 2) Models: frozen parts, encoder, pipeline, metric CLIP.
+    # 2) Models: frozen parts set up exactly as tune.py sets them up, encoders, pipeline, metric CLIP.
     device = torch.device(cfg.device) if cfg.device else model.default_device()
-    comps = model.load_components(preset, device=device, dtype=model.frozen_dtype(device), base=cfg.base, clip=cfg.clip)
-    names = dualpath.install_dual_path(comps.unet)
-    encoder = tune.build_tuning_encoder(ckpt, comps, names, cfg.seed).to(device)
+    comps, names = tune.load_models(preset, device, cfg.base, cfg.clip)
+    encoders = load_encoders(cfg, variants, comps, names, device)
     pipe = sample.build_pipeline(comps)
     pipe.set_progress_bar_config(disable=True)  # one bar for the whole run instead
     metric = ClipMetric(preset, device, cfg.eval_clip)
@@ -316,12 +403,11 @@ def main(cfg: Config):
             cdir = os.path.join(cfg.out, "concepts", variant)
             os.makedirs(cdir, exist_ok=True)
             cpath = os.path.join(cdir, f"{stem}.pt")
-            tc = variant_config(cfg, variant, os.path.join(cfg.images, f))
-            concept = cached_concept(cpath, tc) if not cfg.fresh else None
+            concept = cached_concept(cpath, variant_settings(cfg, variant)) if not cfg.fresh else None
             if concept is not None:
                 reused["concepts"] += 1
             else:
-                concept, _ = tune.tune_concept(comps, encoder, images[f], tc, log=lambda s: None)
+                concept = make_concept(cfg, variant, comps, encoders, images[f], os.path.join(cfg.images, f), nouns[f])
                 model.atomic_save(concept, cpath)
             bar.update(1)
             per_prompt = {}
@@ -344,18 +430,22 @@ def main(cfg: Config):
                                       "text": text, "images": [os.path.relpath(p, cfg.out) for p in paths]}
                 bar.update(1)
             results[variant][stem] = {"noun": nouns[f], "token": concept["token"], "prompts": per_prompt,
+                                      "tune_s": concept["tuning"]["seconds"],
                                       "identity": sum(r["identity"] for r in per_prompt.values()) / len(per_prompt),
                                       "prompt": sum(r["prompt"] for r in per_prompt.values()) / len(per_prompt)}
     bar.close()
 
-    # 4) Summaries (mean and standard error over concept x prompt cells), table, plot.
+    # 4) Summaries (mean and standard error over concept x prompt cells; tuning time over
+    #    concepts), table, plot.
     summary = {}
     for variant, concepts in results.items():
         cells = [r for c in concepts.values() for r in c["prompts"].values()]
         summary[variant] = {"identity": mean_se([r["identity"] for r in cells]),
-                            "prompt": mean_se([r["prompt"] for r in cells])}
+                            "prompt": mean_se([r["prompt"] for r in cells]),
+                            "tune_s": mean_se([c["tune_s"] for c in concepts.values()])}
     report = {"preset": preset, "encoder": cfg.encoder, "config": dataclasses.asdict(cfg), "prompts": prompts,
-              "metric_model": {"sd15": "ViT-B-16/" + cfg.eval_clip, "sd15-arch": "ViT-B-16/random"}.get(preset, "tiny-random"),
+              "metric_model": {"sd15": "ViT-B-16/" + cfg.eval_clip + " (QuickGELU)",
+                               "sd15-arch": "ViT-B-16/random (QuickGELU)"}.get(preset, "tiny-random"),
               "summary": summary, "variants": results, "reused": reused}
     write_text(os.path.join(cfg.out, "metrics.json"), json.dumps(report, indent=2))
     write_text(os.path.join(cfg.out, "metrics.md"), markdown_table(summary, len(files), len(prompts), cfg.num_images))

@@ -3,6 +3,7 @@ losses.py -- one pure function per loss term of the paper.
 
     diffusion_loss        Eq. (1)   ||eps - eps_theta(z_t, t, y)||^2
     nn_contrastive_loss   Eq. (3)   nearest-neighbour contrastive regulariser on v*
+    nearest_cosine_loss   Sec. 5.2  VQGAN-codebook-style ablation: cosine distance to the nearest token
     embedding_l2          Eq. (4)   ||v*||^2
     hyperweight_l2        Sec. 4.1  L2 on the predicted weight offsets Delta W = A B
     anchor_l2             Sec. 4.4  keep the tuned v, A, B close to the encoder's prediction
@@ -56,6 +57,19 @@ def nn_contrastive_loss(
     # Eq. (3): -log( sum_pos exp / (sum_pos exp + sum_neg exp) ), in log-sum-exp form.
     loss = torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1) - torch.logsumexp(pos, dim=1)  # (B,)
     return loss.mean()
+
+
+def nearest_cosine_loss(v: torch.Tensor, token_table: torch.Tensor, exclude_ids=SPECIAL_IDS) -> torch.Tensor:
+    """Sec. 5.2 (Fig. 4, "nearest-neighbour"): 1 - cos(v*, T_nn), T_nn the nearest real token.
+
+    The regulariser Sec. 5.2 compares Eq. (3) against, "inspired by the code-book losses of
+    VQGAN": it pulls v* toward its nearest token but, having no negatives, does nothing to keep
+    different images' v* apart. The table is frozen, so only VQGAN's commitment half remains.
+    v (B, D); the search carries no gradient. Batch mean.
+    """
+    nn_ids, _ = nearest_tokens(v, token_table, k=1, exclude=exclude_ids)  # (B, 1), no grad
+    nearest = token_table.detach().float()[nn_ids[:, 0]]  # (B, D)
+    return (1 - F.cosine_similarity(v.float(), nearest, dim=-1)).mean()
 
 
 def embedding_l2(v: torch.Tensor) -> torch.Tensor:

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
+import dualpath
 
 # The CLIP BPE vocabulary shared by SD 1.5 and all three presets (49,408 tokens).
 BOS_ID, EOS_ID = 49406, 49407
@@ -95,6 +98,12 @@ def build_tokenizer():
     return tok
 
 
+# SD 1.5's sampler settings that must never come from whatever scheduler file a --base folder
+# holds: diffusers' default for a missing key is clip_sample=True, which clamps every latent to
+# [-1, 1] and ruins the images (SD latents are not in [-1, 1]).
+SD15_SAMPLER_SETTINGS = dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1, thresholding=False)
+
+
 def sd15_scheduler_config() -> dict:
     """SD 1.5's noise schedule (scaled-linear betas, epsilon prediction)."""
     return dict(
@@ -102,10 +111,51 @@ def sd15_scheduler_config() -> dict:
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
-        clip_sample=False,
-        steps_offset=1,
         prediction_type="epsilon",
+        **{k: v for k, v in SD15_SAMPLER_SETTINGS.items() if k != "set_alpha_to_one"},
     )
+
+
+def load_noise_scheduler(base: str):
+    """The training scheduler (DDPM) of a --base folder or hub id: its betas and prediction type
+    from the file, the sampler settings forced to SD 1.5's (SD15_SAMPLER_SETTINGS)."""
+    from diffusers import DDPMScheduler
+
+    config = DDPMScheduler.load_config(base, subfolder="scheduler")
+    return DDPMScheduler.from_config(config, **{k: v for k, v in SD15_SAMPLER_SETTINGS.items() if k != "set_alpha_to_one"})
+
+
+def sampling_scheduler(noise_scheduler):
+    """DDIM for sampling, from the training schedule, with SD 1.5's sampler settings set
+    explicitly (never inherited from a file)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(noise_scheduler.config, **SD15_SAMPLER_SETTINGS)
+
+
+def uses_quick_gelu(arch: str, pretrained: str | None, file_quick_gelu: bool) -> bool:
+    """Whether CLIP weights `pretrained` (an open_clip tag, or a local file) need QuickGELU.
+
+    OpenAI's CLIPs were trained with QuickGELU (x * sigmoid(1.702 x)), LAION's with nn.GELU.
+    open_clip builds "ViT-B-16" with nn.GELU and only *warns* when OpenAI weights are loaded
+    into it, so every feature would come from the wrong network. The tag's own record says
+    which it is; for a local file the caller says what the file is meant to hold.
+    """
+    import open_clip
+
+    if pretrained and os.path.isfile(pretrained):
+        return file_quick_gelu
+    tag_cfg = open_clip.pretrained.get_pretrained_cfg(arch, pretrained) if pretrained else {}
+    return bool((tag_cfg or {}).get("quick_gelu", False))
+
+
+def open_clip_model(arch: str, pretrained: str | None, device, file_quick_gelu: bool, quick_gelu: bool | None = None):
+    """An open_clip CLIP with the activation its weights were trained with (see uses_quick_gelu)."""
+    import open_clip
+
+    if quick_gelu is None:
+        quick_gelu = uses_quick_gelu(arch, pretrained, file_quick_gelu)
+    return open_clip.create_model(arch, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu)
 
 
 @dataclass
@@ -248,7 +298,6 @@ def load_components(
     cfg = preset_config(preset)
     if preset == "sd15":
         # Real weights. Not runnable offline; mirrors the sd15-arch branch line for line.
-        import open_clip
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -256,11 +305,11 @@ def load_components(
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
         text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
-        scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+        scheduler = load_noise_scheduler(base)
         image_encoder = None
         if with_image_encoder:
-            clip_model, _, _ = open_clip.create_model_and_transforms(SD15_CLIP[0], pretrained=clip, device=device)
-            image_encoder = clip_model.visual
+            # laion2b_s32b_b79k was trained with nn.GELU; a local file is taken to hold those weights.
+            image_encoder = open_clip_model(SD15_CLIP[0], clip, device, file_quick_gelu=False).visual
         parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, image_encoder=image_encoder)
     else:
         parts = _build_random(preset, device, with_image_encoder)
@@ -292,7 +341,7 @@ def load_components(
 
 
 @functools.lru_cache(maxsize=4096)
-def _piece_ids(tokenizer, piece: str) -> tuple[int, ...]:
+def tokenize_ids(tokenizer, piece: str) -> tuple[int, ...]:
     """Token ids of a piece of prompt text, no special tokens (cached: templates repeat)."""
     return tuple(tokenizer(piece, add_special_tokens=False).input_ids)
 
@@ -310,7 +359,7 @@ def tokenize_with_placeholder(tokenizer, prompts: list[str], placeholder: str = 
         row, slots = [BOS_ID], []
         pieces = prompt.split(placeholder)
         for j, piece in enumerate(pieces):
-            row += _piece_ids(tokenizer, piece)
+            row += tokenize_ids(tokenizer, piece)
             if j < len(pieces) - 1:
                 slots.append(len(row))
                 row.append(0)
@@ -450,12 +499,16 @@ class TuningEncoder(nn.Module):
     """
 
     def __init__(self, cfg: PresetConfig, clip_channels: int, unet_channels: int,
-                 layer_names: list[str], layer_shapes: list[tuple[int, int]]):
+                 layer_names: list[str], layer_shapes: list[tuple[int, int]], hypernet: bool = True,
+                 token_norm: float | None = None):
         super().__init__()
         w, d, c, r = cfg.fusion_width, cfg.feature_dim, cfg.layer_code_dim, cfg.lora_rank
         self.layer_names = list(layer_names)
         self.layer_shapes = [tuple(s) for s in layer_shapes]
         self.rank, self.lora_scale = r, cfg.lora_scale
+        # hypernet=False: the Sec. 5.4 ablation "omitting the hyper-network at training time" --
+        # the token head alone; forward returns an empty LoRA dict.
+        self.hypernet = hypernet
 
         # Fusion: project both maps to a common width, resize to one grid, concat, convs, pool.
         self.clip_proj = nn.Conv2d(clip_channels, w, 1)
@@ -467,6 +520,11 @@ class TuningEncoder(nn.Module):
         # Token-embedder head -> v*.
         self.token_head = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, cfg.token_dim))
 
+        if token_norm is not None:
+            self._start_v_at_norm(token_norm)
+
+        if not hypernet:
+            return
         # Hypernetwork head: h -> one code per layer -> per-layer projections to A and B.
         n = len(self.layer_names)
         self.layer_codes = nn.Linear(d, n * c)
@@ -483,6 +541,23 @@ class TuningEncoder(nn.Module):
             nn.init.zeros_(b.weight)
             nn.init.zeros_(b.bias)
 
+    @torch.no_grad()
+    def _start_v_at_norm(self, target: float, probes: int = 512):
+        """Scale the token head's last layer so that ||v*|| starts at `target` (a real token's norm).
+
+        Untrained, the head gives ||v*|| ~ 1.56 at SD 1.5 sizes whatever the image, about 4x a
+        real token; Eq. (3) works on cosines, so only the small Eq. (4) term would pull it back,
+        and training would start in the out-of-distribution region Sec. 4.2 warns about. The
+        LayerNorm in `to_feature` makes h's distribution (almost) independent of the input, so
+        random unit-variance probes measure the starting norm; a fixed generator keeps it seeded.
+        """
+        g = torch.Generator().manual_seed(0)
+        probe = torch.randn(probes, self.to_feature[0].normalized_shape[0], generator=g)
+        norm = self.token_head(self.to_feature(probe)).norm(dim=-1).mean()
+        last = self.token_head[-1]
+        last.weight.mul_(target / norm)
+        last.bias.mul_(target / norm)
+
     def forward(self, clip_map: torch.Tensor, unet_map: torch.Tensor):
         p = next(self.parameters())
         clip_map, unet_map = clip_map.to(p.dtype), unet_map.to(p.dtype)
@@ -492,22 +567,102 @@ class TuningEncoder(nn.Module):
         h = self.to_feature(x.mean(dim=(2, 3)))  # global average pool -> (B, d)
 
         v = self.token_head(h)  # (B, token_dim)
+        if not self.hypernet:
+            return v, {}
 
-        B, r = h.shape[0], self.rank
-        codes = self.code_norm(self.layer_codes(h).view(B, len(self.layer_names), -1) + self.layer_embed)  # (B, L, c)
+        n, r = h.shape[0], self.rank
+        codes = self.code_norm(self.layer_codes(h).view(n, len(self.layer_names), -1) + self.layer_embed)  # (n, L, c)
         lora = {}
         for i, (name, (din, dout)) in enumerate(zip(self.layer_names, self.layer_shapes)):
-            A = self.a_heads[i](codes[:, i]).view(B, din, r)  # (B, D_in, r)
-            Bm = self.b_heads[i](codes[:, i]).view(B, r, dout)  # (B, r, D_out)
-            lora[name] = (A, Bm)
+            A = self.a_heads[i](codes[:, i]).view(n, din, r)  # (n, D_in, r)
+            B = self.b_heads[i](codes[:, i]).view(n, r, dout)  # (n, r, D_out)
+            lora[name] = (A, B)
         return v, lora
 
 
-def build_encoder(comps: Components, layer_names: list[str]) -> TuningEncoder:
-    """A TuningEncoder sized for this preset's backbones (on CPU, fp32)."""
+def typical_token_norm(token_table: torch.Tensor) -> float | None:
+    """Median L2 norm of the real (non-special) rows of the token-embedding table."""
+    if token_table.device.type == "meta":  # shapes only (tests): nothing to measure
+        return None
+    keep = torch.ones(token_table.shape[0], dtype=torch.bool)
+    keep[list(SPECIAL_IDS)] = False
+    return token_table.detach().float().cpu()[keep].norm(dim=-1).median().item()
+
+
+def build_encoder(comps: Components, layer_names: list[str], hypernet: bool = True) -> TuningEncoder:
+    """A TuningEncoder sized for this preset's backbones (on CPU, fp32), with v* starting at
+    the token table's typical norm."""
     clip_w = comps.image_encoder.transformer.width  # needs the components loaded with their image tower
     unet_w = comps.unet.config.block_out_channels[-1]
-    return TuningEncoder(comps.cfg, clip_w, unet_w, layer_names, lora_shapes(comps.unet, layer_names))
+    return TuningEncoder(comps.cfg, clip_w, unet_w, layer_names, lora_shapes(comps.unet, layer_names),
+                         hypernet=hypernet, token_norm=typical_token_norm(comps.token_table))
+
+
+# The encoder checkpoint (pretrain.py writes it, tune.py / evaluate.py read it): the trainable
+# weights only, what is needed to rebuild the encoder, and -- for resuming -- the optimiser,
+# scheduler and RNG states and the run's config. Loads with torch.load(weights_only=True).
+ENCODER_FORMAT = "date-encoder-v1"
+
+
+def encoder_checkpoint(encoder: TuningEncoder, comps: Components, step: int, **extra) -> dict:
+    """The checkpoint dict of an encoder trained on `comps` (extra: optimizer, scheduler, rng, config)."""
+    return {
+        "format": ENCODER_FORMAT,
+        "preset": comps.preset,
+        "base": comps.base,  # the UNet / text encoder it was trained with (sd15)
+        "clip": comps.clip,  # the ViT-H-14 weights it was trained with (sd15)
+        "step": step,
+        "hypernet": encoder.hypernet,
+        "encoder": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+        "layer_names": list(encoder.layer_names),
+        "layer_shapes": [list(s) for s in encoder.layer_shapes],
+        "encoder_dims": {"clip_channels": encoder.clip_proj.in_channels, "unet_channels": encoder.unet_proj.in_channels},
+        **extra,
+    }
+
+
+def load_encoder_checkpoint(path: str) -> dict:
+    """Load an encoder checkpoint (weights_only) and check that it is ours. Raises ValueError."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or one holding arbitrary objects
+        raise ValueError(f"{path} is not an encoder checkpoint written by pretrain.py ({e.__class__.__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != ENCODER_FORMAT:
+        raise ValueError(f"{path} is not an encoder checkpoint written by pretrain.py")
+    return ckpt
+
+
+def check_same_weights(what: str, recorded: dict, base: str, clip: str | None):
+    """An encoder (or concept) is tied to the weights it was trained with: refuse others. Raises ValueError.
+
+    recorded: a checkpoint or concept dict with "preset", "base" and (for encoders) "clip".
+    Only sd15 records them (the random presets have no weights to mix up).
+    """
+    if recorded.get("preset") != "sd15":
+        return
+    for flag, given, key in (("--base", base, "base"), ("--clip", clip, "clip")):
+        if given is None or key not in recorded:
+            continue
+        if _weights_id(given) != _weights_id(recorded[key]):
+            raise ValueError(f"{what} was trained with {flag} {recorded[key]}, not {given}: an encoder and its "
+                             f"concepts only work with the weights they were trained on (pass {flag} {recorded[key]})")
+
+
+def _weights_id(where: str) -> str:
+    """A hub id as it is; a local path made absolute, so that ./sd15 and /abs/sd15 compare equal."""
+    return os.path.abspath(where) if os.path.exists(where) else where
+
+
+def encoder_from_checkpoint(ckpt: dict, comps: Components) -> TuningEncoder:
+    """Rebuild the trainable encoder of a checkpoint for these components."""
+    if ckpt["preset"] != comps.preset:
+        raise ValueError(f"the encoder checkpoint is for preset {ckpt['preset']!r}, not {comps.preset!r}")
+    enc = TuningEncoder(
+        comps.cfg, ckpt["encoder_dims"]["clip_channels"], ckpt["encoder_dims"]["unet_channels"],
+        ckpt["layer_names"], [tuple(s) for s in ckpt["layer_shapes"]], hypernet=ckpt.get("hypernet", True),
+    )
+    enc.load_state_dict(ckpt["encoder"])
+    return enc
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -552,10 +707,67 @@ def noisy_latents(scheduler, z0: torch.Tensor, generator: torch.Generator | None
     return z_t, t, noise, target
 
 
+def autocast(device):
+    """Mixed precision for forward passes: on CUDA the frozen weights' own dtype (bf16, or fp16
+    where bf16 is missing; see frozen_dtype), on CPU none (fp32)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    return torch.autocast("cuda" if cuda else "cpu", dtype=frozen_dtype(device) if cuda else torch.bfloat16, enabled=cuda)
+
+
+def dual_path_prediction(comps: Components, z_t: torch.Tensor, t: torch.Tensor, prompts: list[str],
+                         v: torch.Tensor, lora: dict, alpha: float, placeholder: str = PLACEHOLDER) -> torch.Tensor:
+    """The personalised model's noise prediction: the step pre-training and tuning train on.
+
+    C holds v (N|1, D) at the placeholder of each prompt, C_h its nearest real token (Sec. 4.3;
+    computed only when alpha < 1); the dual-path UNet (Eq. 5) with the per-sample LoRA `lora`
+    (Eq. 2) predicts the noise of z_t (N, 4, h, w) at t (N,). Eq. (1) compares it with the target.
+    """
+    with autocast(z_t.device):
+        if alpha < 1:  # C with v*, C_h with its nearest real token v_h, both (N, 77, D)
+            C, C_h, _ = encode_soft_and_hard(comps.text_encoder, comps.tokenizer, prompts, v, comps.token_table, placeholder)
+        else:  # alpha = 1 runs the soft path alone: no C_h needed
+            C, C_h = encode_prompt(comps.text_encoder, comps.tokenizer, prompts, v_star=v, placeholder=placeholder), None
+        kw = dualpath.dual_path_kwargs(lora, C_h, alpha=alpha, lora_scale=comps.cfg.lora_scale)
+        return comps.unet(z_t, t, encoder_hidden_states=C, cross_attention_kwargs=kw).sample  # Eq. (5)
+
+
 # ----------------------------------------------------------------------------------------
 # Concept files (DESIGN.md §7): what tune.py writes and sample.py / evaluate.py read
 
 CONCEPT_FORMAT = "date-concept-v1"
+
+
+def make_concept(comps: Components, v: torch.Tensor, lora: dict, placeholder: str, alpha_blend: float,
+                 tuning: dict, step_losses: list[float]) -> dict:
+    """The concept file's content: everything sample.py needs, a few MB at most, never a UNet.
+
+    v (1, D) the tuned word embedding v*; lora {module path: (A (1, D_in, r), B (1, r, D_out))}
+    (may be empty: textual inversion has no LoRA); tuning: the settings that made it.
+    Keys: format, placeholder, v_star (D,), token_id / token (v*'s nearest real token, for C_h),
+    lora_A / lora_B ({module path: (D_in, r) / (r, D_out)}), rank, lora_scale, alpha_blend,
+    preset, base, layer_names, tuning, first_loss, final_loss. Loads with weights_only=True.
+    """
+    v = v.detach().float()
+    token_id = int(nearest_tokens(v, comps.token_table, k=1)[0][0, 0])
+    return {
+        "format": CONCEPT_FORMAT,
+        "placeholder": placeholder,
+        "v_star": v[0].cpu(),
+        "token_id": token_id,
+        "token": comps.tokenizer.convert_ids_to_tokens(token_id).replace("</w>", ""),
+        "lora_A": {k: A.detach()[0].cpu().float().contiguous() for k, (A, _) in lora.items()},
+        "lora_B": {k: B.detach()[0].cpu().float().contiguous() for k, (_, B) in lora.items()},
+        "rank": comps.cfg.lora_rank,
+        "lora_scale": comps.cfg.lora_scale,
+        "alpha_blend": float(alpha_blend),
+        "preset": comps.preset,
+        "base": comps.base,
+        "layer_names": list(lora),
+        "tuning": dict(tuning),
+        "first_loss": step_losses[0] if step_losses else None,
+        "final_loss": step_losses[-1] if step_losses else None,
+    }
 
 
 def load_concept(path: str) -> dict:

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -36,7 +37,7 @@ import dualpath
 import losses
 import model
 
-CHECKPOINT_FORMAT = "date-encoder-v1"
+EMBEDDING_REGS = ("contrastive", "nearest-cosine", "l2", "none")
 
 
 @dataclass
@@ -58,8 +59,11 @@ class Config:
     seed: int = 0
     grad_checkpointing: bool = False  # trade compute for memory in the UNet
     alpha_blend: float = 0.25  # Eq. (5) alpha during pre-training (as in tuning, Sec. 5.1)
+    embedding_reg: str = "contrastive"  # Sec. 5.2: contrastive = Eq. (3)+(4) | nearest-cosine (+ Eq. 4) | l2 = Eq. (4) | none
+    hypernet: bool = True  # --no-hypernet: token head only, no predicted LoRA (Sec. 5.4 ablation)
     # Loss weights and Eq. (3) settings. The paper gives no values; these are ours.
     lambda_contrastive: float = 0.01  # Eq. (3)
+    lambda_nearest: float = 0.01  # --embedding-reg nearest-cosine: weight of 1 - cos(v*, nearest token)
     lambda_embedding: float = 1e-3  # Eq. (4)
     lambda_hyper: float = 1e-4  # hyper-weight L2, summed over the 96 layers (Sec. 4.1)
     nn_k: int = 5  # |N(v*)|: nearest tokens used as positives in Eq. (3)
@@ -72,7 +76,7 @@ class Config:
 
 def parse_args(argv=None) -> Config:
     p = model.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=(),
-                            choices={"preset": model.PRESETS})
+                            choices={"preset": model.PRESETS, "embedding_reg": EMBEDDING_REGS})
     return Config(**vars(p.parse_args(argv)))
 
 
@@ -103,12 +107,34 @@ def lr_lambda(cfg: Config):
 
 
 def gather_negatives(v: torch.Tensor, world: int, rank: int):
-    """The other ranks' v' (no grad) for Eq. (3)'s negatives, or None on one process."""
+    """The other ranks' v' for Eq. (3)'s negatives, or None on one process.
+
+    The gather is autograd-aware: each rank's loss also pushes the *other* ranks' v' away, and
+    that gradient travels back to the rank that made v'. With a plain (detached) all_gather each
+    v* would be pushed by the B-1 images of its own rank only, and 8 GPUs x 16 images would
+    train a different loss than one GPU x 128. With this one, N ranks x B images give the same
+    encoder gradient as one process x N*B (DDP averages, the loss is a mean over images).
+    """
     if world == 1:
         return None
-    parts = [torch.empty_like(v) for _ in range(world)]
-    dist.all_gather(parts, v.detach().contiguous())
+    parts = dist_nn.all_gather(v.contiguous())
     return torch.cat([p for i, p in enumerate(parts) if i != rank])
+
+
+def embedding_terms(cfg: Config, v: torch.Tensor, token_table: torch.Tensor, world: int = 1, rank: int = 0) -> dict:
+    """The embedding regulariser chosen by --embedding-reg (Sec. 4.2, Sec. 5.2), as weighted terms."""
+    v = v.float()
+    terms = {}
+    if cfg.embedding_reg == "contrastive":  # Eq. (3), negatives from all ranks
+        terms["contrastive"] = losses.nn_contrastive_loss(v, token_table, k=cfg.nn_k, tau=cfg.tau,
+                                                          extra_negatives=gather_negatives(v, world, rank))
+    elif cfg.embedding_reg == "nearest-cosine":  # Sec. 5.2's VQGAN-style alternative
+        terms["nearest_cosine"] = losses.nearest_cosine_loss(v, token_table)
+    if cfg.embedding_reg != "none":
+        terms["embedding"] = losses.embedding_l2(v)  # Eq. (4)
+    weights = {"contrastive": cfg.lambda_contrastive, "nearest_cosine": cfg.lambda_nearest,
+               "embedding": cfg.lambda_embedding}
+    return {k: (term, weights[k]) for k, term in terms.items()}
 
 
 def step_seed(cfg: Config, step: int, rank: int) -> int:
@@ -123,35 +149,20 @@ def pretrain_losses(cfg: Config, comps, encoder, batch, seed: int, world: int = 
     images, clip_images = batch["vae"].to(device), batch["clip"].to(device)
     z0 = model.vae_latents(comps.vae, images, g).float()  # (B, 4, R/8, R/8)
     z_t, t, _, target = model.noisy_latents(comps.noise_scheduler, z0, g)
-
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with autocast:
+    with model.autocast(device):  # E(I_c, z_t, t): both backbones, then the trainable part
         v, lora = model.encode(encoder, comps, clip_images, z_t, t)  # (B, D), {name: (A, B)}
-        prompts = data_lib.make_prompts(len(v), random.Random(seed))
-        # C with v*, C_h with its nearest real token v_h (Sec. 4.3), both (B, 77, D)
-        C, C_h, _ = model.encode_soft_and_hard(comps.text_encoder, comps.tokenizer, prompts, v, comps.token_table)
-        kw = dualpath.dual_path_kwargs(lora, C_h, alpha=cfg.alpha_blend, lora_scale=comps.cfg.lora_scale)
-        pred = comps.unet(z_t, t, encoder_hidden_states=C, cross_attention_kwargs=kw).sample  # Eq. (5)
+    prompts = data_lib.make_prompts(len(v), random.Random(seed))
+    pred = model.dual_path_prediction(comps, z_t, t, prompts, v, lora, cfg.alpha_blend)  # Eq. (5)
 
-    terms = {
-        "diffusion": losses.diffusion_loss(pred, target),  # Eq. (1)
-        "contrastive": losses.nn_contrastive_loss(  # Eq. (3), negatives from all ranks
-            v.float(), comps.token_table, k=cfg.nn_k, tau=cfg.tau, extra_negatives=gather_negatives(v.float(), world, rank)
-        ),
-        "embedding": losses.embedding_l2(v),  # Eq. (4)
-        "hyper": sum(losses.hyperweight_l2(A, B) for A, B in lora.values()),  # Sec. 4.1
-    }
-    terms["loss"] = (
-        terms["diffusion"]
-        + cfg.lambda_contrastive * terms["contrastive"]
-        + cfg.lambda_embedding * terms["embedding"]
-        + cfg.lambda_hyper * terms["hyper"]
-    )
+    terms = {"diffusion": losses.diffusion_loss(pred, target)}  # Eq. (1)
+    weighted = embedding_terms(cfg, v, comps.token_table, world, rank)  # Eq. (3), (4) or a Sec. 5.2 variant
+    terms.update({k: term for k, (term, _) in weighted.items()})
+    total = terms["diffusion"] + sum(w * term for term, w in weighted.values())
+    if lora:
+        terms["hyper"] = sum(losses.hyperweight_l2(A, B) for A, B in lora.values())  # Sec. 4.1
+        total = total + cfg.lambda_hyper * terms["hyper"]
+    terms["loss"] = total
     return terms
-
-
-def trainable_state(encoder) -> dict:
-    return {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
 
 
 def make_checkpoint(cfg, comps, encoder, opt, sched, step: int) -> dict:
@@ -159,41 +170,8 @@ def make_checkpoint(cfg, comps, encoder, opt, sched, step: int) -> dict:
     rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "preset": cfg.preset,
-        "base": comps.base,
-        "clip": comps.clip,
-        "step": step,
-        "encoder": trainable_state(encoder),
-        "layer_names": list(encoder.layer_names),
-        "layer_shapes": [list(s) for s in encoder.layer_shapes],
-        "encoder_dims": {"clip_channels": encoder.clip_proj.in_channels, "unet_channels": encoder.unet_proj.in_channels},
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "rng": rng,
-        "config": asdict(cfg),
-    }
-
-
-def load_checkpoint(path: str) -> dict:
-    """Load an encoder checkpoint (weights_only) and check that it is ours."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an encoder checkpoint written by pretrain.py")
-    return ckpt
-
-
-def encoder_from_checkpoint(ckpt: dict, comps) -> model.TuningEncoder:
-    """Rebuild the trainable encoder of a checkpoint for these components."""
-    if ckpt["preset"] != comps.preset:
-        raise ValueError(f"the encoder checkpoint is for preset {ckpt['preset']!r}, not {comps.preset!r}")
-    enc = model.TuningEncoder(
-        comps.cfg, ckpt["encoder_dims"]["clip_channels"], ckpt["encoder_dims"]["unet_channels"],
-        ckpt["layer_names"], [tuple(s) for s in ckpt["layer_shapes"]],
-    )
-    enc.load_state_dict(ckpt["encoder"])
-    return enc
+    return model.encoder_checkpoint(encoder, comps, step, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                                    rng=rng, config=asdict(cfg))
 
 
 def main(cfg: Config):
@@ -225,7 +203,7 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
     if cfg.grad_checkpointing:
         comps.unet.enable_gradient_checkpointing()
     torch.manual_seed(cfg.seed)
-    encoder = model.build_encoder(comps, names).to(device)  # fp32 trainable weights
+    encoder = model.build_encoder(comps, names, hypernet=cfg.hypernet).to(device)  # fp32 trainable weights
     if master:
         print(f"tuning-encoder ({cfg.preset}): {model.count_parameters(encoder):,} trainable parameters; "
               f"{len(names)} LoRA layers, rank {comps.cfg.lora_rank}", file=sys.stderr)
@@ -237,7 +215,7 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
     resume = os.path.join(cfg.out, "encoder.pt") if cfg.resume == "auto" else cfg.resume
     if resume and os.path.exists(resume):
         try:
-            ckpt = load_checkpoint(resume)
+            ckpt = model.load_encoder_checkpoint(resume)
         except ValueError as e:
             raise model.UserError(str(e)) from None
         encoder.load_state_dict(ckpt["encoder"])

@@ -54,13 +54,16 @@ def parse_args(argv=None) -> Config:
     return Config(**vars(p.parse_args(argv)))
 
 
-def build_pipeline(comps, steps_offset: int = 1):
-    """StableDiffusionPipeline over these components with a DDIM scheduler, no safety checker."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def build_pipeline(comps):
+    """StableDiffusionPipeline over these components with SD 1.5's DDIM sampler, no safety checker."""
+    from diffusers import StableDiffusionPipeline
 
-    scheduler = DDIMScheduler.from_config(comps.noise_scheduler.config, set_alpha_to_one=False, steps_offset=steps_offset)
+    # NOTE: no safety checker. It is a second ~1.2 GB model that blacks out images it flags; a
+    # research reference implementation measures what the method generates, and the checker
+    # would silently change CLIP scores. Add one yourself if you deploy this.
     pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
-                                   unet=comps.unet, scheduler=scheduler, safety_checker=None,
+                                   unet=comps.unet, scheduler=model.sampling_scheduler(comps.noise_scheduler),
+                                   safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(leave=False, desc="denoising")
     return pipe
@@ -145,6 +148,10 @@ def load_concept_checked(cfg: Config):
         raise UserError(str(e)) from None
     if cfg.preset and cfg.preset != concept["preset"]:
         raise UserError(f"{cfg.concept} was tuned for preset {concept['preset']!r}, not {cfg.preset!r}")
+    try:
+        model.check_same_weights(f"the concept {cfg.concept}", concept, cfg.base, None)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     return concept, concept["preset"]
 
 

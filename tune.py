@@ -7,7 +7,7 @@ Sec. 4.4 and Sec. 5.1 ("Inference-tuning Phase"):
   2) a short LoRA-tuning run from that initialisation (lr 2e-3, alpha_blend 0.25, <= 12 steps)
      with the denoising loss Eq. (1) through the dual-path UNet (Eq. 5), plus an L2 term that
      keeps v, A, B close to the encoder's prediction (Sec. 4.4). The hard token follows v.
-The result is a small concept file (DESIGN.md §7), never a whole UNet.
+The result is a small concept file (see model.make_concept), never a whole UNet.
 
     python tune.py --image x.jpg --out concept.pt                    # sd15, real weights
     python tune.py --preset tiny --encoder random --image examples/concept.png --out concept.pt
@@ -17,6 +17,7 @@ The result is a small concept file (DESIGN.md §7), never a whole UNet.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sys
@@ -24,12 +25,12 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 import data as data_lib
 import dualpath
 import losses
 import model
-import pretrain
 
 
 @dataclass
@@ -74,31 +75,55 @@ def check_config(cfg: Config):
         raise UserError("--placeholder must not be empty")
 
 
-def load_encoder_checkpoint(cfg: Config):
+def load_encoder_checkpoint(cfg: Config, prog: str = "tune.py"):
     """(checkpoint or None for 'random', preset) -- with one-line errors for the usual mistakes."""
     if cfg.encoder == "random":
-        print("tune.py: warning: --encoder random: an untrained encoder (smoke runs and ablations only)", file=sys.stderr)
+        print(f"{prog}: warning: --encoder random: an untrained encoder (smoke runs and ablations only)", file=sys.stderr)
         return None, cfg.preset or "sd15"
     if not os.path.isfile(cfg.encoder):
         raise UserError(f"no encoder checkpoint at {cfg.encoder}; train one with `python pretrain.py --data DIR "
                         f"--out {os.path.dirname(cfg.encoder) or '.'}` or pass --encoder random")
     try:
-        ckpt = pretrain.load_checkpoint(cfg.encoder)
+        ckpt = model.load_encoder_checkpoint(cfg.encoder)
+        model.check_same_weights(f"the encoder {cfg.encoder}", ckpt, cfg.base, cfg.clip)
     except ValueError as e:
         raise UserError(str(e)) from None
-    except Exception as e:
-        raise UserError(f"{cfg.encoder} is not an encoder checkpoint written by pretrain.py ({e.__class__.__name__})") from None
     preset = cfg.preset or ckpt["preset"]
     if preset != ckpt["preset"]:
         raise UserError(f"the encoder checkpoint {cfg.encoder} is for preset {ckpt['preset']!r}, not {preset!r}")
     return ckpt, preset
 
 
+def describe_encoder(ckpt) -> str:
+    """One line on how an encoder was pre-trained (Sec. 5.2 regulariser, Sec. 5.4 hypernetwork)."""
+    if ckpt is None:
+        return "encoder: random (untrained)"
+    c = ckpt.get("config", {})
+    return (f"encoder: {ckpt['step']} pre-training steps, embedding regulariser {c.get('embedding_reg', 'contrastive')}, "
+            f"hypernetwork {'yes' if ckpt.get('hypernet', True) else 'no (Sec. 5.4 ablation)'}")
+
+
+def load_models(preset: str, device, base: str, clip: str, grad_checkpointing: bool | None = None):
+    """The frozen parts set up for tuning, exactly as every tuning run uses them (tune.py and
+    evaluate.py both come here): TF32 on CUDA, frozen weights in frozen_dtype, the dual-path
+    processors, and gradient checkpointing (default: on for CUDA, off on CPU).
+    Returns (components, LoRA layer names)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    comps = model.load_components(preset, device=device, dtype=model.frozen_dtype(device), base=base, clip=clip)
+    names = dualpath.install_dual_path(comps.unet)
+    if grad_checkpointing if grad_checkpointing is not None else device.type == "cuda":
+        comps.unet.enable_gradient_checkpointing()
+    return comps, names
+
+
 def build_tuning_encoder(ckpt, comps, names, seed: int) -> model.TuningEncoder:
     if ckpt is None:
         torch.manual_seed(seed)
         return model.build_encoder(comps, names)
-    return pretrain.encoder_from_checkpoint(ckpt, comps)
+    return model.encoder_from_checkpoint(ckpt, comps)
 
 
 def concept_denoise_loss(comps, concept: dict, latents: torch.Tensor, seed: int, alpha: float | None = None) -> float:
@@ -114,7 +139,7 @@ def concept_denoise_loss(comps, concept: dict, latents: torch.Tensor, seed: int,
         C, C_h = model.encode_concept_prompts(comps.text_encoder, comps.tokenizer, concept, prompts)
         kw = dualpath.dual_path_kwargs(model.concept_lora(concept, device), C_h,
                                        alpha=concept["alpha_blend"] if alpha is None else alpha, lora_scale=concept["lora_scale"])
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with model.autocast(device):
             pred = comps.unet(z_t, t, encoder_hidden_states=C, cross_attention_kwargs=kw).sample
         return losses.diffusion_loss(pred, target).item()
 
@@ -129,17 +154,65 @@ def view_latents(comps, image, n: int, seed: int, augment: bool = True, chunk: i
     return torch.cat(out).float()  # (n, 4, R/8, R/8)
 
 
+def lora_from_zero(comps, names: list[str], seed: int) -> dict:
+    """Plain LoRA initialisation (Hu et al.): A ~ N(0, 1/D_in), B = 0, so Delta W = 0. (1, ...) each."""
+    device = comps.token_table.device
+    gen = torch.Generator(device).manual_seed(seed)
+    r = comps.cfg.lora_rank
+    return {name: (torch.randn((1, din, r), generator=gen, device=device) / din ** 0.5,
+                   torch.zeros((1, r, dout), device=device))
+            for name, (din, dout) in zip(names, model.lora_shapes(comps.unet, names))}
+
+
+def optimise(comps, latents, v0, lora0, *, steps: int, lr_v: float, lr_lora: float, alpha: float,
+             lambda_anchor: float, seed: int, placeholder: str, log=print):
+    """AdamW on v and every (A, B), from (v0, lora0), on fixed clean latents of the views.
+
+    Each step: fresh noise and t, fresh prompt templates, then Eq. (1) through the dual-path
+    UNet (Eq. 5) -- the hard token of C_h is v's nearest real token *at this step* -- plus
+    lambda_anchor * ||(v, A, B) - (v0, A0, B0)||^2 (Sec. 4.4; 0 turns it off, as for the
+    baselines). Returns (v, lora, per-step losses, seconds).
+    """
+    device = latents.device
+    v = v0.clone().requires_grad_(True)
+    lora = {k: (A.clone().requires_grad_(True), B.clone().requires_grad_(True)) for k, (A, B) in lora0.items()}
+    lora_params = [p for AB in lora.values() for p in AB]
+    params, anchors = [v] + lora_params, [v0] + [p for AB in lora0.values() for p in AB]
+    groups = [{"params": [v], "lr": lr_v}] + ([{"params": lora_params, "lr": lr_lora}] if lora_params else [])
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    step_losses = []
+    model.sync(device)
+    t0 = time.perf_counter()
+    for step in tqdm(range(steps), desc="tune", leave=False, disable=steps < 50):
+        # Seeds: one stream per step for the noise and t, another for the prompt templates. The
+        # multipliers (a large prime, another prime) only keep different --seed values' streams apart.
+        gstep = torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+        z_t, t, _, target = model.noisy_latents(comps.noise_scheduler, latents, gstep)
+        prompts = data_lib.make_prompts(len(latents), random.Random(seed * 7_919 + step), placeholder)
+        pred = model.dual_path_prediction(comps, z_t, t, prompts, v, lora, alpha, placeholder)  # Eq. (5)
+        diff = losses.diffusion_loss(pred, target)  # Eq. (1)
+        loss = diff + lambda_anchor * losses.anchor_l2(params, anchors) if lambda_anchor else diff  # Sec. 4.4
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step_losses.append(loss.item())
+        if not math.isfinite(step_losses[-1]):
+            raise UserError(f"the loss became {step_losses[-1]} at step {step + 1}: lower --lr")
+        log(f"step {step + 1}/{steps}  loss {step_losses[-1]:.5f}  (Eq. 1: {diff.item():.5f})")
+    model.sync(device)
+    return v.detach(), {k: (A.detach(), B.detach()) for k, (A, B) in lora.items()}, step_losses, time.perf_counter() - t0
+
+
 def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = False, log=print):
     """One photo -> (concept dict, stats dict). The plain function behind `python tune.py`.
 
-    comps: model.Components (dual-path processors installed); encoder: TuningEncoder on the
+    comps: from load_models (dual-path processors installed); encoder: TuningEncoder on the
     same device; image: a PIL RGB image. release_backbone=True drops the CLIP image tower and
     the encoder after the one forward pass (the tuning loop needs neither).
     """
     device = comps.token_table.device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     t0 = time.perf_counter()
-    names = encoder.layer_names
+    names, trained_hypernet = encoder.layer_names, encoder.hypernet
 
     # 1) One encoder forward on the centre view -> v0, A0, B0 (Sec. 4.4).
     vae_view, clip_view = data_lib.make_views(image, comps.cfg.resolution, comps.cfg.clip_size, rng=None)
@@ -147,14 +220,14 @@ def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = Fa
     z0 = model.vae_latents(comps.vae, vae_view[None].to(device), g).float()
     t_enc = torch.tensor([cfg.encoder_timestep], device=device)
     z_t, _, _, _ = model.noisy_latents(comps.noise_scheduler, z0, g, t=t_enc)
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), model.autocast(device):
         v0, lora0 = model.encode(encoder, comps, clip_view[None].to(device), z_t, t_enc)
     v0 = v0.float().detach()  # (1, D)
     lora0 = {k: (A.float().detach(), B.float().detach()) for k, (A, B) in lora0.items()}
-    if not cfg.hypernet:  # ablation "no hypernetwork": plain LoRA init, A ~ N(0, 1/D_in), B = 0
-        gen = torch.Generator(device).manual_seed(cfg.seed + 1)
-        lora0 = {k: (torch.randn(A.shape, generator=gen, device=device) / A.shape[1] ** 0.5, torch.zeros_like(B))
-                 for k, (A, B) in lora0.items()}
+    if not (cfg.hypernet and trained_hypernet):
+        # An encoder trained without a hypernetwork (Sec. 5.4), or --no-hypernet: the LoRA
+        # starts from zero and only v0 comes from the encoder.
+        lora0 = lora_from_zero(comps, names, cfg.seed + 1)
     if release_backbone:
         comps.image_encoder = None
         del encoder
@@ -167,59 +240,58 @@ def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = Fa
     latents = view_latents(comps, image, cfg.batch_size, cfg.seed + 2) if cfg.steps > 0 else None
 
     # 3) <= 12 steps of AdamW on v, A, B only (Sec. 4.4), dual path with alpha (Eq. 5).
-    v = v0.clone().requires_grad_(True)
-    lora = {k: (A.clone().requires_grad_(True), B.clone().requires_grad_(True)) for k, (A, B) in lora0.items()}
-    params = [v] + [p for AB in lora.values() for p in AB]
-    anchors = [v0] + [p for AB in lora0.values() for p in AB]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    step_losses = []
-    model.sync(device)
-    t1 = time.perf_counter()
-    for step in range(cfg.steps):
-        gstep = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-        z_t, t, _, target = model.noisy_latents(comps.noise_scheduler, latents, gstep)
-        prompts = data_lib.make_prompts(len(latents), random.Random(cfg.seed * 7_919 + step), cfg.placeholder)
-        with autocast:
-            # C with v, C_h with v's nearest real token: the hard token follows v step by step.
-            C, C_h, _ = model.encode_soft_and_hard(comps.text_encoder, comps.tokenizer, prompts, v, comps.token_table,
-                                                   cfg.placeholder)
-            kw = dualpath.dual_path_kwargs(lora, C_h, alpha=cfg.alpha_blend, lora_scale=comps.cfg.lora_scale)
-            pred = comps.unet(z_t, t, encoder_hidden_states=C, cross_attention_kwargs=kw).sample  # Eq. (5)
-        diff = losses.diffusion_loss(pred, target)  # Eq. (1)
-        loss = diff + cfg.lambda_anchor * losses.anchor_l2(params, anchors)  # Sec. 4.4
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step_losses.append(loss.item())
-        log(f"step {step + 1}/{cfg.steps}  loss {step_losses[-1]:.5f}  (Eq. 1: {diff.item():.5f})")
-    model.sync(device)
-    loop_s = time.perf_counter() - t1
+    v, lora, step_losses, loop_s = optimise(comps, latents, v0, lora0, steps=cfg.steps, lr_v=cfg.lr, lr_lora=cfg.lr,
+                                            alpha=cfg.alpha_blend, lambda_anchor=cfg.lambda_anchor, seed=cfg.seed,
+                                            placeholder=cfg.placeholder, log=log) if cfg.steps else (v0, lora0, [], 0.0)
 
-    # 4) The concept file's content (DESIGN.md §7).
-    v_final = v.detach()[0].cpu()
-    token_id = int(model.nearest_tokens(v.detach(), comps.token_table, k=1)[0][0, 0])
-    concept = {
-        "format": model.CONCEPT_FORMAT,
-        "placeholder": cfg.placeholder,
-        "v_star": v_final.float(),
-        "token_id": token_id,
-        "token": comps.tokenizer.convert_ids_to_tokens(token_id).replace("</w>", ""),
-        "lora_A": {k: A.detach()[0].cpu().float().contiguous() for k, (A, _) in lora.items()},
-        "lora_B": {k: B.detach()[0].cpu().float().contiguous() for k, (_, B) in lora.items()},
-        "rank": comps.cfg.lora_rank,
-        "lora_scale": comps.cfg.lora_scale,
-        "alpha_blend": cfg.alpha_blend,
-        "preset": comps.preset,
-        "base": comps.base,
-        "layer_names": list(names),
-        "tuning": {"steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed,
-                   "lambda_anchor": cfg.lambda_anchor, "hypernet": cfg.hypernet, "encoder": cfg.encoder,
-                   "image": os.path.basename(cfg.image) if cfg.image else ""},
-        "first_loss": step_losses[0] if step_losses else None,
-        "final_loss": step_losses[-1] if step_losses else None,
-    }
-    stats = {"encoder_s": encoder_s, "tune_loop_s": loop_s, "total_s": time.perf_counter() - t0, "losses": step_losses}
+    # 4) The concept file's content.
+    total_s = time.perf_counter() - t0
+    tuning = {"method": "date", "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed,
+              "lambda_anchor": cfg.lambda_anchor, "hypernet": cfg.hypernet and trained_hypernet, "encoder": cfg.encoder,
+              "image": os.path.basename(cfg.image) if cfg.image else "", "seconds": total_s}
+    concept = model.make_concept(comps, v, lora, cfg.placeholder, cfg.alpha_blend, tuning, step_losses)
+    stats = {"encoder_s": encoder_s, "tune_loop_s": loop_s, "total_s": total_s, "losses": step_losses}
     return concept, stats
+
+
+# The one-image baselines of Fig. 5a, tuned on the same augmented views as DATE.
+BASELINES = {
+    # diffusers' textual_inversion example: 3000 steps at lr 5e-4 (its README), only v trained.
+    "textual_inversion": dict(steps=3000, lr=5e-4),
+    # LoRA(-PTI): Sec. 5.1 quotes 2,000 steps; lr 1e-4 for the LoRA and 5e-4 for v are
+    # cloneofsimo/lora's PTI defaults (its learning_rate_unet / learning_rate_ti).
+    "lora": dict(steps=2000, lr=1e-4, lr_v=5e-4),
+}
+
+
+def init_embedding(comps, word: str) -> torch.Tensor:
+    """Mean token embedding of a word (its class noun), (1, D): where textual inversion starts."""
+    ids = list(model.tokenize_ids(comps.tokenizer, word))
+    if not ids:
+        raise UserError(f"the initial word {word!r} has no tokens")
+    return comps.token_table.detach().float()[ids].mean(0, keepdim=True)
+
+
+def baseline_concept(comps, image, kind: str, init_word: str, *, steps: int, lr: float, batch_size: int = 16,
+                     seed: int = 0, placeholder: str = model.PLACEHOLDER, log=print):
+    """A one-image baseline of Fig. 5a as a concept file sample.py can use (alpha = 1: one path).
+
+    kind "textual_inversion": only v, from the class noun's embedding (Gal et al. 2022).
+    kind "lora": v from the noun plus a LoRA from zero on the same 96 projections (LoRA-PTI,
+    trained jointly here rather than in two phases). No anchor, no encoder.
+    """
+    t0 = time.perf_counter()
+    latents = view_latents(comps, image, batch_size, seed + 2)
+    v0 = init_embedding(comps, init_word)
+    lora0 = lora_from_zero(comps, dualpath.lora_layer_names(comps.unet), seed + 1) if kind == "lora" else {}
+    lr_v = BASELINES[kind].get("lr_v", lr) if kind == "lora" else lr
+    v, lora, step_losses, loop_s = optimise(comps, latents, v0, lora0, steps=steps, lr_v=lr_v, lr_lora=lr, alpha=1.0,
+                                            lambda_anchor=0.0, seed=seed, placeholder=placeholder, log=log)
+    total_s = time.perf_counter() - t0
+    tuning = {"method": kind, "steps": steps, "lr": lr, "lr_v": lr_v, "batch_size": batch_size, "seed": seed,
+              "init_word": init_word, "seconds": total_s}
+    concept = model.make_concept(comps, v, lora, placeholder, 1.0, tuning, step_losses)
+    return concept, {"tune_loop_s": loop_s, "total_s": total_s, "losses": step_losses}
 
 
 def main(cfg: Config):
@@ -236,15 +308,10 @@ def main(cfg: Config):
 
     # 2) Frozen parts (bf16 on CUDA) and the encoder.
     device = torch.device(cfg.device) if cfg.device else model.default_device()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    comps = model.load_components(preset, device=device, dtype=model.frozen_dtype(device), base=cfg.base, clip=cfg.clip)
-    names = dualpath.install_dual_path(comps.unet)
-    if cfg.grad_checkpointing if cfg.grad_checkpointing is not None else device.type == "cuda":
-        comps.unet.enable_gradient_checkpointing()
+    comps, names = load_models(preset, device, cfg.base, cfg.clip, cfg.grad_checkpointing)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    print(f"tune.py: {describe_encoder(ckpt)}", file=sys.stderr)
 
     # 3) Tune. Only tune_concept holds the encoder, so it and the CLIP tower leave memory
     #    right after their one forward pass.

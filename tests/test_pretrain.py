@@ -80,7 +80,7 @@ def test_checkpoint_holds_trainable_weights_only_and_loads_weights_only(tmp_path
     comps, names = tiny
     n_trainable = model.count_parameters(model.build_encoder(comps, names))
     assert sum(v.numel() for v in ckpt["encoder"].values()) == n_trainable  # no frozen backbone inside
-    enc = pretrain.encoder_from_checkpoint(ckpt, comps)
+    enc = model.encoder_from_checkpoint(ckpt, comps)
     assert model.count_parameters(enc) == n_trainable
     rec = [r for r in _log(cfg) if "loss" in r][-1]
     assert {"step", "diffusion", "contrastive", "embedding", "hyper", "loss", "lr", "images_per_s", "peak_gb"} <= set(rec)
