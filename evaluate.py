@@ -287,8 +287,8 @@ def check_inputs(cfg: Config):
 def plot_tradeoff(summary: dict, path: str):
     """Fig. 5 style: prompt similarity (x) vs identity (y), one point per variant with SE bars.
 
-    Panel (a): DATE ("full") beside the one-image baselines, labelled with their mean tuning
-    time; panel (b): the ablations. A panel with no variant of its own is left out.
+    Panel (a): DATE ("full") beside the one-image baselines, with their mean tuning time;
+    panel (b): the ablations. A panel with no variant of its own is left out.
     """
     import matplotlib
 
@@ -301,14 +301,13 @@ def plot_tradeoff(summary: dict, path: str):
     panels = panels or [("identity vs. prompt", list(summary))]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), dpi=120, squeeze=False)
     for ax, (title, names) in zip(axes[0], panels):
-        for k, name in enumerate(names):
+        for name in names:
             s = summary[name]
-            x, y = s["prompt"]["mean"], s["identity"]["mean"]
-            ax.errorbar(x, y, xerr=s["prompt"]["se"], yerr=s["identity"]["se"], fmt="o", capsize=3, label=name)
-            label = f"{name} ({s['tune_s']['mean']:.1f} s)" if title.startswith("(a)") else name
-            # Labels fan out (alternating sides, stepped vertically) so that close points stay readable.
-            ax.annotate(label, (x, y), textcoords="offset points", fontsize=7,
-                        xytext=(8 if k % 2 == 0 else -8, 6 + 7 * (k // 2)), ha="left" if k % 2 == 0 else "right")
+            # Names (and in panel (a) the tuning time) go in the legend, not beside the points:
+            # close points would make their labels overlap.
+            label = f"{name} ({s['tune_s']['mean']:.1f} s tuning)" if title.startswith("(a)") else name
+            ax.errorbar(s["prompt"]["mean"], s["identity"]["mean"], xerr=s["prompt"]["se"], yerr=s["identity"]["se"],
+                        fmt="o", capsize=3, label=label)
         ax.set_xlabel("prompt similarity (CLIP-T)")
         ax.set_ylabel("identity similarity (CLIP-I)")
         ax.set_title(title)

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -117,8 +116,25 @@ def gather_negatives(v: torch.Tensor, world: int, rank: int):
     """
     if world == 1:
         return None
-    parts = dist_nn.all_gather(v.contiguous())
-    return torch.cat([p for i, p in enumerate(parts) if i != rank])
+    parts = AllGatherWithGrad.apply(v)  # (world, B, D)
+    return torch.cat([p for i, p in enumerate(parts) if i != rank])  # ((world-1) B, D)
+
+
+class AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward returns to each rank the gradient that *every* rank's loss
+    sent to its v (summed with an all_reduce), instead of none."""
+
+    @staticmethod
+    def forward(ctx, v):  # v (B, D) -> (world, B, D)
+        parts = [torch.empty_like(v) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, v.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (world, B, D): this rank's loss w.r.t. every rank's v
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # + what the other ranks' losses sent
+        return grad[dist.get_rank()]
 
 
 def embedding_terms(cfg: Config, v: torch.Tensor, token_table: torch.Tensor, world: int = 1, rank: int = 0) -> dict:
