@@ -4,7 +4,7 @@ model.py -- the frozen parts, the trainable tuning-encoder, prompts with a soft 
 Implements Sec. 4.1 (architecture: CLIP ViT-H-14 + UNet-encoder features -> conv fusion ->
 token embedder + LoRA hypernetwork, Eq. 2) of "Domain-Agnostic Tuning-Encoder for Fast
 Personalization of Text-To-Image Models" (Arar, Gal et al. 2023), plus the pieces that every
-stage shares: presets (DESIGN.md §3), prompt encoding with the placeholder S* and its
+stage shares: presets, prompt encoding with the placeholder S* and its
 nearest real ("hard") token (Sec. 4.2, 4.3).
 
 Presets
@@ -733,7 +733,7 @@ def dual_path_prediction(comps: Components, z_t: torch.Tensor, t: torch.Tensor, 
 
 
 # ----------------------------------------------------------------------------------------
-# Concept files (DESIGN.md §7): what tune.py writes and sample.py / evaluate.py read
+# Concept files: what tune.py writes and sample.py / evaluate.py read
 
 CONCEPT_FORMAT = "date-concept-v1"
 

@@ -87,6 +87,8 @@ def check_config(cfg: Config):
                       ("--log-every", cfg.log_every)):
         if val <= 0:
             raise model.UserError(f"{flag} must be positive, got {val}")
+    if cfg.embedding_reg not in EMBEDDING_REGS:
+        raise model.UserError(f"--embedding-reg must be one of {', '.join(EMBEDDING_REGS)}, got {cfg.embedding_reg!r}")
     if cfg.data not in (None, data_lib.SYNTHETIC) and not os.path.isdir(cfg.data):
         raise model.UserError(f"--data: no such folder: {cfg.data}")
     if cfg.openimages is not None and not os.path.isdir(cfg.openimages):

@@ -2,7 +2,7 @@
 import os
 import sys
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # DESIGN.md §3: tests never touch the network
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
