@@ -95,7 +95,7 @@ class Config:
     device: str | None = None  # default: cuda if available, else cpu
     base: str = model.SD15_BASE  # sd15: SD 1.5 hub id or local folder
     clip: str = model.SD15_CLIP[1]  # sd15: open_clip tag or local file for ViT-H-14
-    eval_clip: str = "openai"  # sd15: open_clip ViT-B-16 pretrained tag, or a local file of the OpenAI weights
+    eval_clip: str = "openai"  # metric CLIP: sd15: ViT-B-16 tag or a file of the OpenAI weights; toy: default runs/toyworld/clip-b
 
 
 UserError = model.UserError  # bad input: one line on stderr, exit code 2
@@ -122,6 +122,9 @@ def metric_clip_model(preset: str, pretrained: str, device):
 
     if preset == "sd15":  # a local file is taken to hold the OpenAI weights
         return model.open_clip_model("ViT-B-16", pretrained, device, file_quick_gelu=True)
+    if preset == "toy":  # toyworld.py's metric CLIP, an open_clip folder (its config names the activation)
+        folder = model.TOY_METRIC_CLIP if pretrained in (None, "openai") else pretrained
+        return model.open_clip_model("ViT-B-16", folder, device, file_quick_gelu=True)
     if preset == "sd15-arch":  # the real architecture (OpenAI's, QuickGELU), random weights
         return model.open_clip_model("ViT-B-16", None, device, file_quick_gelu=True, quick_gelu=True)
     # NOTE: tiny has no real weights; a tiny random CLIP exercises the code path.
@@ -150,8 +153,12 @@ class ClipMetric:
 
     @torch.no_grad()
     def image_features(self, images) -> torch.Tensor:
-        """PIL images -> L2-normalised embeddings (N, E); centre square crop, 224 px, CLIP mean/std."""
-        x = torch.stack([data_lib.clip_tensor(data_lib.centre_square(im.convert("RGB"))) for im in images]).to(self.device)
+        """PIL images -> L2-normalised embeddings (N, E); centre square crop at the model's input
+        size (224 px for ViT-B-16), CLIP mean/std."""
+        size = self.model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        x = torch.stack([data_lib.clip_tensor(data_lib.centre_square(im.convert("RGB")), size)
+                         for im in images]).to(self.device)
         return torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1)
 
     @torch.no_grad()
@@ -444,7 +451,9 @@ def main(cfg: Config):
                             "tune_s": mean_se([c["tune_s"] for c in concepts.values()])}
     report = {"preset": preset, "encoder": cfg.encoder, "config": dataclasses.asdict(cfg), "prompts": prompts,
               "metric_model": {"sd15": "ViT-B-16/" + cfg.eval_clip + " (QuickGELU)",
-                               "sd15-arch": "ViT-B-16/random (QuickGELU)"}.get(preset, "tiny-random"),
+                               "sd15-arch": "ViT-B-16/random (QuickGELU)",
+                               "toy": model.TOY_METRIC_CLIP if cfg.eval_clip == "openai" else cfg.eval_clip,
+                               }.get(preset, "tiny-random"),
               "summary": summary, "variants": results, "reused": reused}
     write_text(os.path.join(cfg.out, "metrics.json"), json.dumps(report, indent=2))
     write_text(os.path.join(cfg.out, "metrics.md"), markdown_table(summary, len(files), len(prompts), cfg.num_images))

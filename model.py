@@ -40,7 +40,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD15_CLIP = ("ViT-H-14", "laion2b_s32b_b79k")
-PRESETS = ("sd15", "sd15-arch", "tiny")
+# The toy world's base models (toyworld.py writes them): a diffusers SD folder and open_clip folders.
+TOY_BASE, TOY_CLIP, TOY_METRIC_CLIP = "runs/toyworld/sd", "runs/toyworld/clip-h", "runs/toyworld/clip-b"
+PRESETS = ("sd15", "sd15-arch", "tiny", "toy")
+WEIGHTS_PRESETS = ("sd15", "toy")  # presets whose weights are loaded (from --base / --clip), not built
 
 
 # ----------------------------------------------------------------------------------------
@@ -69,7 +72,22 @@ PRESET_CONFIGS = {
     "tiny": PresetConfig(
         "tiny", resolution=32, token_dim=32, fusion_width=32, feature_dim=64, layer_code_dim=16, lora_rank=2
     ),
+    # toyworld.py's trained models: 32 px pictures, a 64-wide text encoder, 32 px CLIPs.
+    "toy": PresetConfig(
+        "toy", resolution=32, clip_size=32, token_dim=64, fusion_width=64, feature_dim=128, layer_code_dim=16, lora_rank=4
+    ),
 }
+
+
+def weights_for(preset: str, base: str | None, clip: str | None) -> tuple[str, str]:
+    """(base, clip) a preset loads: the given ones, or the preset's own default where the
+    caller passed SD 1.5's (the scripts' defaults). "" for the presets built with random weights."""
+    if preset not in WEIGHTS_PRESETS:
+        return "", ""
+    if preset == "toy":
+        base = TOY_BASE if base in (None, SD15_BASE) else base
+        clip = TOY_CLIP if clip in (None, SD15_CLIP[1]) else clip
+    return base or SD15_BASE, clip or SD15_CLIP[1]
 
 
 def preset_config(preset: str) -> PresetConfig:
@@ -150,9 +168,15 @@ def uses_quick_gelu(arch: str, pretrained: str | None, file_quick_gelu: bool) ->
 
 
 def open_clip_model(arch: str, pretrained: str | None, device, file_quick_gelu: bool, quick_gelu: bool | None = None):
-    """An open_clip CLIP with the activation its weights were trained with (see uses_quick_gelu)."""
+    """An open_clip CLIP with the activation its weights were trained with (see uses_quick_gelu).
+
+    pretrained: an open_clip tag for `arch`, a local weights file for `arch`, or a folder that
+    open_clip loads whole (open_clip_config.json + weights, whose config names the activation).
+    """
     import open_clip
 
+    if pretrained and os.path.isdir(pretrained):
+        return open_clip.create_model("local-dir:" + pretrained, device=device)
     if quick_gelu is None:
         quick_gelu = uses_quick_gelu(arch, pretrained, file_quick_gelu)
     return open_clip.create_model(arch, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu)
@@ -296,8 +320,9 @@ def load_components(
     from diffusers import DDPMScheduler
 
     cfg = preset_config(preset)
-    if preset == "sd15":
-        # Real weights. Not runnable offline; mirrors the sd15-arch branch line for line.
+    base, clip = weights_for(preset, base, clip)
+    if preset in WEIGHTS_PRESETS:
+        # Real weights: SD 1.5 (hub id or folder), or the toy world's folders, through the same lines.
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -308,14 +333,14 @@ def load_components(
         scheduler = load_noise_scheduler(base)
         image_encoder = None
         if with_image_encoder:
-            # laion2b_s32b_b79k was trained with nn.GELU; a local file is taken to hold those weights.
+            # laion2b_s32b_b79k was trained with nn.GELU; a local file is taken to hold those weights
+            # (a folder -- the toy world's -- carries its own architecture and activation).
             image_encoder = open_clip_model(SD15_CLIP[0], clip, device, file_quick_gelu=False).visual
         parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, image_encoder=image_encoder)
     else:
         parts = _build_random(preset, device, with_image_encoder)
         tokenizer = build_tokenizer()
         scheduler = DDPMScheduler(**sd15_scheduler_config())
-        base = clip = ""
 
     from diffusers.utils import logging as dlogging
 
@@ -636,11 +661,14 @@ def check_same_weights(what: str, recorded: dict, base: str, clip: str | None):
     """An encoder (or concept) is tied to the weights it was trained with: refuse others. Raises ValueError.
 
     recorded: a checkpoint or concept dict with "preset", "base" and (for encoders) "clip".
-    Only sd15 records them (the random presets have no weights to mix up).
+    Only sd15 and toy record them (the random presets have no weights to mix up). base / clip:
+    what the user passed (None: not given; a preset's default is resolved as load_components does).
     """
-    if recorded.get("preset") != "sd15":
+    preset = recorded.get("preset")
+    if preset not in WEIGHTS_PRESETS:
         return
-    for flag, given, key in (("--base", base, "base"), ("--clip", clip, "clip")):
+    base_default, clip_default = weights_for(preset, base, clip)
+    for flag, given, key in (("--base", base and base_default, "base"), ("--clip", clip and clip_default, "clip")):
         if given is None or key not in recorded:
             continue
         if _weights_id(given) != _weights_id(recorded[key]):
@@ -780,7 +808,34 @@ def load_concept(path: str) -> dict:
         raise ValueError(f"{path} is not a concept file written by tune.py ({e.__class__.__name__})") from None
     if not isinstance(concept, dict) or concept.get("format") != CONCEPT_FORMAT:
         raise ValueError(f"{path} is not a concept file written by tune.py")
+    check_concept(concept, path)
     return concept
+
+
+CONCEPT_KEYS = ("placeholder", "v_star", "token_id", "token", "lora_A", "lora_B", "rank", "lora_scale", "alpha_blend",
+                "preset", "base")
+
+
+def check_concept(concept: dict, path: str = "the concept"):
+    """Every key present, shapes that fit together, finite numbers. Raises ValueError (one line)."""
+    missing = [k for k in CONCEPT_KEYS if k not in concept]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not a complete concept file")
+    v, r = concept["v_star"], concept["rank"]
+    if not isinstance(v, torch.Tensor) or v.dim() != 1:
+        raise ValueError(f"{path}: v_star must be a vector, got {getattr(v, 'shape', type(v).__name__)}")
+    if set(concept["lora_A"]) != set(concept["lora_B"]):
+        raise ValueError(f"{path}: lora_A and lora_B name different layers")
+    for name, A in concept["lora_A"].items():
+        B = concept["lora_B"][name]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != r or B.shape[0] != r:
+            raise ValueError(f"{path}: layer {name} has A {tuple(A.shape)} and B {tuple(B.shape)}, not (D_in, {r}) "
+                             f"and ({r}, D_out)")
+    tensors = [v] + list(concept["lora_A"].values()) + list(concept["lora_B"].values())
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise ValueError(f"{path} holds NaN or infinite values (did tuning diverge?)")
+    if not all(math.isfinite(float(concept[k])) for k in ("lora_scale", "alpha_blend")):
+        raise ValueError(f"{path}: lora_scale and alpha_blend must be finite")
 
 
 def concept_lora(concept: dict, device=None, dtype=None) -> dict:

@@ -70,6 +70,9 @@ class Config:
     num_workers: int = 4  # data-loader processes per rank
     base: str = model.SD15_BASE  # sd15: hub id or local folder of SD 1.5
     clip: str = model.SD15_CLIP[1]  # sd15: open_clip tag or local file for ViT-H-14
+    val_images: str | None = None  # folder of held-out images: the matched-vs-swapped concept signal
+    val_every: int = 500  # validate every this many steps (with --val-images), and at the end
+    val_views: int = 4  # held-out augmented views per validation image
     benchmark: bool = False  # end with one JSON line of throughput and memory
 
 
@@ -93,6 +96,10 @@ def check_config(cfg: Config):
         raise model.UserError(f"--data: no such folder: {cfg.data}")
     if cfg.openimages is not None and not os.path.isdir(cfg.openimages):
         raise model.UserError(f"--openimages: no such folder: {cfg.openimages}")
+    if cfg.val_images is not None and not os.path.isdir(cfg.val_images):
+        raise model.UserError(f"--val-images: no such folder: {cfg.val_images}")
+    if cfg.val_every <= 0 or cfg.val_views <= 0:
+        raise model.UserError("--val-every and --val-views must be positive")
     if cfg.resume not in (None, "auto") and not os.path.isfile(cfg.resume):
         raise model.UserError(f"--resume: no such checkpoint: {cfg.resume}")
 
@@ -183,6 +190,99 @@ def pretrain_losses(cfg: Config, comps, encoder, batch, seed: int, world: int = 
     return terms
 
 
+@torch.no_grad()
+def validate(cfg: Config, comps, encoder, val: dict, step: int, out_dir: str) -> dict:
+    """Is the encoder learning *concepts*? (a signal for any pre-training run)
+
+    For each held-out image i the encoder predicts a concept (v_i, LoRA_i) from its centre view
+    (the one forward tune.py makes). Eq. (1) of concept i is measured on held-out views of image
+    i ("matched") and of image i+1 ("swapped"), with the same noise, t and prompts. An encoder
+    that captures concepts denoises its own image better: gap = swapped - matched > 0. An
+    encoder that learned one image-independent LoRA (a better denoiser, no concept) has gap ~ 0.
+    Also: mean ||v*|| and mean ||Delta W||_F (summed over layers), and a one-step reconstruction
+    grid (input, then x0 predicted at t = 500 by its matched concept) written to OUT/val/.
+    """
+    device = comps.token_table.device
+    encoder.eval()
+    n = len(val["latents"])
+    concepts = []
+    t_enc = torch.full((1,), 500, device=device)
+    for i in range(n):
+        g = torch.Generator(device).manual_seed(i)
+        z_t, _, _, _ = model.noisy_latents(comps.noise_scheduler, val["centre"][i:i + 1], g, t=t_enc)
+        with model.autocast(device):
+            v, lora = model.encode(encoder, comps, val["clip"][i:i + 1], z_t, t_enc)
+        concepts.append((v.float(), {k: (A.float(), B.float()) for k, (A, B) in lora.items()}))
+    matched, swapped = [], []
+    for i, (v, lora) in enumerate(concepts):
+        for target, losses_ in ((i, matched), ((i + 1) % n, swapped)):
+            z0 = val["latents"][target]  # (views, 4, h, w)
+            g = torch.Generator(device).manual_seed(10_000 + i)  # the same noise for matched and swapped
+            z_t, t, _, tgt = model.noisy_latents(comps.noise_scheduler, z0, g)
+            prompts = data_lib.make_prompts(len(z0), random.Random(i))
+            pred = model.dual_path_prediction(comps, z_t, t, prompts, v, lora, cfg.alpha_blend)
+            losses_.append(losses.diffusion_loss(pred, tgt).item())
+    gaps = [s - m for s, m in zip(swapped, matched)]
+    mean = sum(gaps) / n
+    se = (sum((x - mean) ** 2 for x in gaps) / max(1, n - 1) / n) ** 0.5
+    dw = [sum(losses.hyperweight_l2(A, B) for A, B in lora.values()).sqrt().item() if lora else 0.0 for _, lora in concepts]
+    rec = {"event": "val", "step": step, "matched": sum(matched) / n, "swapped": sum(swapped) / n, "gap": mean,
+           "gap_se": se, "v_norm": sum(v.norm().item() for v, _ in concepts) / n, "delta_w_norm": sum(dw) / n, "n": n}
+    _reconstruction_grid(cfg, comps, concepts, val, os.path.join(out_dir, "val", f"step_{step:07d}.png"))
+    encoder.train()
+    return rec
+
+
+def _reconstruction_grid(cfg, comps, concepts, val, path: str):
+    """Row 1: the held-out images; row 2: x0 predicted in one step at t = 500 with their concepts."""
+    from PIL import Image
+
+    device = comps.token_table.device
+    t = torch.full((1,), 500, device=device)
+    tiles = []
+    for i, (v, lora) in enumerate(concepts):
+        g = torch.Generator(device).manual_seed(i)
+        z0 = val["centre"][i:i + 1]
+        z_t, _, eps, _ = model.noisy_latents(comps.noise_scheduler, z0, g, t=t)
+        pred = model.dual_path_prediction(comps, z_t, t, ["a photo of S*"], v, lora, cfg.alpha_blend).float()
+        a = comps.noise_scheduler.alphas_cumprod.to(device)[500]
+        x0 = (z_t - (1 - a).sqrt() * pred) / a.sqrt()  # DDPM: z_t = sqrt(a) z0 + sqrt(1 - a) eps
+        for z in (z0, x0):
+            img = comps.vae.decode((z / comps.vae.config.scaling_factor).to(next(comps.vae.parameters()).dtype)).sample
+            tiles.append(((img[0].float().clamp(-1, 1) + 1) * 127.5).byte().permute(1, 2, 0).cpu().numpy())
+    r = tiles[0].shape[0]
+    grid = Image.new("RGB", (r * len(concepts), 2 * r))
+    for i in range(len(concepts)):
+        grid.paste(Image.fromarray(tiles[2 * i]), (i * r, 0))
+        grid.paste(Image.fromarray(tiles[2 * i + 1]), (i * r, r))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    model.atomic_write(path, grid.save)
+
+
+def load_validation_set(cfg: Config, comps) -> dict:
+    """Latents of the centre view and of `val_views` augmented views, and the CLIP view, of every
+    image in --val-images (computed once)."""
+    files = sorted(f for f in os.listdir(cfg.val_images) if os.path.splitext(f)[1].lower() in data_lib.IMAGE_EXTS)
+    if len(files) < 2:
+        raise model.UserError(f"--val-images: need at least 2 images in {cfg.val_images}")
+    device = comps.token_table.device
+    res, clip_size = comps.cfg.resolution, comps.cfg.clip_size
+    centre, clip, latents = [], [], []
+    for k, f in enumerate(files):
+        try:
+            im = data_lib.load_image(os.path.join(cfg.val_images, f))
+        except data_lib.BadImage as e:
+            raise model.UserError(f"--val-images: {e}") from None
+        vae_view, clip_view = data_lib.make_views(im, res, clip_size, rng=None)
+        rng = random.Random(k)
+        views = torch.stack([data_lib.make_views(im, res, clip_size, rng)[0] for _ in range(cfg.val_views)])
+        g = torch.Generator(device).manual_seed(k)
+        centre.append(model.vae_latents(comps.vae, vae_view[None].to(device), g).float())
+        latents.append(model.vae_latents(comps.vae, views.to(device), g).float())
+        clip.append(clip_view)
+    return {"centre": torch.cat(centre), "clip": torch.stack(clip).to(device), "latents": latents, "files": files}
+
+
 def make_checkpoint(cfg, comps, encoder, opt, sched, step: int) -> dict:
     """Trainable weights only (no frozen backbone), optimizer, scheduler, step, RNG, config."""
     rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
@@ -258,6 +358,8 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
     if steps_per_epoch == 0:
         raise model.UserError(f"{len(dataset)} images are fewer than one global batch ({cfg.batch_size} x {world})")
 
+    val = load_validation_set(cfg, comps) if (cfg.val_images and master) else None
+
     def loader(epoch: int, skip_batches: int):
         sampler = data_lib.ResumableSampler(len(dataset), world, rank, cfg.seed, epoch, skip_batches * cfg.batch_size)
         return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
@@ -319,6 +421,13 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
                                "peak_gb": round(model.peak_memory_gb(device), 3)}
                         with open(log_path, "a") as f:
                             f.write(json.dumps(rec) + "\n")
+                if val is not None and (step % cfg.val_every == 0 or step == last):
+                    rec = validate(cfg, comps, encoder, val, step, cfg.out)
+                    bar.write(f"step {step}: val gap (swapped - matched) {rec['gap']:+.5f} ± {rec['gap_se']:.5f}, "
+                              f"matched {rec['matched']:.5f}, |v*| {rec['v_norm']:.3f}, |dW| {rec['delta_w_norm']:.3f}",
+                              file=sys.stderr)
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
                 if step % cfg.save_every == 0:
                     save(periodic=True)
                 if step >= last:

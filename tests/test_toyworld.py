@@ -1,0 +1,119 @@
+"""toyworld.py: a seconds-long micro version of every stage, the toy base loaded through the same
+--base / --clip code as SD 1.5, a toy concept through tune -> sample, and the competence and
+validation measurements computed by the code the README's numbers come from."""
+import json
+import os
+import random
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import evaluate
+import model
+import pretrain
+import sample
+import toyworld
+import tune
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("toy"))
+    cfg = toyworld.Config(out=out, n_train=64, vae_steps=2, clip_steps=2, t2i_steps=2, batch_size=4, clip_batch_size=8,
+                          competence_prompts=2, competence_steps=2)
+    times = toyworld.main(cfg)
+    return out, cfg, times
+
+
+def test_every_stage_runs_and_a_rerun_reuses_them(toy):
+    out, cfg, times = toy
+    assert list(times) == list(toyworld.STAGES)
+    assert toyworld.main(cfg) == {}  # all cached
+    # Saved in their own ecosystems' formats.
+    assert json.load(open(os.path.join(out, "sd", "model_index.json")))["_class_name"] == "StableDiffusionPipeline"
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert os.path.isdir(os.path.join(out, "sd", sub)), sub
+    for name in ("clip-h", "clip-b"):
+        assert json.load(open(os.path.join(out, name, "open_clip_config.json")))["model_cfg"] == toyworld.CLIP_CONFIGS[name]
+    assert len(os.listdir(os.path.join(out, "train"))) == cfg.n_train
+    assert len(os.listdir(os.path.join(out, "concepts"))) == 12
+
+
+def test_captions_name_class_and_context_but_never_the_instance(toy):
+    inst = toyworld.make_instance(7)
+    cap = toyworld.t2i_caption(inst.cls, "blue", "on the left")
+    assert cap == f"a photo of a {inst.cls} on a blue background, on the left"
+    assert inst.pattern not in cap and inst.colour1 not in cap and inst.colour2 not in cap
+    assert inst.pattern in inst.details() and inst.colour1 in inst.details()
+    a = toyworld.render(inst, "red", "on the right", random.Random(1))
+    assert a.size == (32, 32) and a.tobytes() == toyworld.render(inst, "red", "on the right", random.Random(1)).tobytes()
+    # The background is the named colour; the object sits on the named side.
+    px = a.load()
+    assert px[1, 1] == toyworld.BACKGROUNDS["red"] and px[30, 30] == toyworld.BACKGROUNDS["red"]
+
+
+def test_evaluation_concepts_are_instances_no_training_stage_saw():
+    train = {(i.cls, i.pattern, i.colour1, i.colour2) for i in toyworld.train_instances()}
+    ev = toyworld.eval_instances(12)
+    assert len(ev) == 12 and not {(i.cls, i.pattern, i.colour1, i.colour2) for i in ev} & train
+    assert {i.cls for i in ev} == set(toyworld.CLASSES)
+
+
+def test_toy_loads_through_the_sd15_base_and_clip_code(toy, monkeypatch):
+    out, _, _ = toy
+    created = []
+    real = open_clip.create_model
+    monkeypatch.setattr(open_clip, "create_model", lambda name, **kw: (created.append(name), real(name, **kw))[1])
+    comps = model.load_components("toy", base=os.path.join(out, "sd"), clip=os.path.join(out, "clip-h"))
+    assert created == ["local-dir:" + os.path.join(out, "clip-h")]
+    assert comps.base == os.path.join(out, "sd") and comps.noise_scheduler.config.clip_sample is False
+    saved = load_file(os.path.join(out, "clip-h", "open_clip_model.safetensors"))
+    assert torch.equal(comps.image_encoder.conv1.weight, saved["visual.conv1.weight"])
+    assert comps.text_encoder.config.hidden_size == comps.cfg.token_dim == 64
+    assert comps.unet.config.sample_size * 2 == comps.cfg.resolution
+    metric = evaluate.ClipMetric("toy", "cpu", os.path.join(out, "clip-b"))
+    assert {type(m).__name__ for m in metric.model.visual.modules()} >= {"QuickGELU"}
+
+
+def test_toy_concept_round_trips_through_tune_and_sample(toy, tmp_path):
+    out, _, _ = toy
+    weights = ["--preset", "toy", "--base", os.path.join(out, "sd"), "--device", "cpu"]
+    image = os.path.join(out, "concepts", sorted(os.listdir(os.path.join(out, "concepts")))[0])
+    concept = tmp_path / "c.pt"
+    assert tune.cli(["--image", image, "--encoder", "random", "--clip", os.path.join(out, "clip-h"), "--steps", "2",
+                     "--batch-size", "2", "--out", str(concept)] + weights) == 0
+    c = model.load_concept(str(concept))
+    assert c["preset"] == "toy" and c["base"] == os.path.join(out, "sd") and len(c["lora_A"]) == 24
+    assert sample.cli(["--concept", str(concept), "--prompt", "a photo of S* on a red background, on the left",
+                       "--num-images", "1", "--steps", "2", "--out", str(tmp_path / "s")] + weights) == 0
+    assert len(os.listdir(tmp_path / "s")) == 2  # the image and the grid
+
+
+def test_competence_is_measured_by_the_code_the_readme_reports(toy):
+    out, cfg, _ = toy
+    rep = json.load(open(os.path.join(out, "competence.json")))
+    assert set(rep["prompt_following"]) == {"background", "position"}
+    for f in rep["prompt_following"].values():
+        assert f["n"] == cfg.competence_prompts and 0 <= f["mean"] <= 1
+    ident = rep["identity"]
+    assert ident["margin"]["n"] == 24
+    assert ident["margin"]["mean"] == pytest.approx(ident["same_instance"]["mean"] - ident["other_instance_same_class"]["mean"])
+
+
+def test_pretrain_on_the_toy_world_logs_the_matched_vs_swapped_signal(toy, tmp_path):
+    out, _, _ = toy
+    cfg = pretrain.Config(preset="toy", base=os.path.join(out, "sd"), clip=os.path.join(out, "clip-h"),
+                          data=os.path.join(out, "train"), out=str(tmp_path / "run"), steps=2, batch_size=2,
+                          num_workers=0, warmup_steps=1, val_images=os.path.join(out, "concepts"), val_every=1, val_views=2)
+    pretrain.main(cfg)
+    recs = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    val = [r for r in recs if r.get("event") == "val"]
+    assert [r["step"] for r in val] == [1, 2]
+    for r in val:
+        assert r["n"] == 12 and r["gap"] == pytest.approx(r["swapped"] - r["matched"], abs=1e-6)
+        assert r["gap_se"] >= 0 and r["v_norm"] > 0 and r["delta_w_norm"] >= 0
+    assert sorted(os.listdir(tmp_path / "run" / "val")) == ["step_0000001.png", "step_0000002.png"]
+    ckpt = model.load_encoder_checkpoint(str(tmp_path / "run" / "encoder.pt"))
+    assert ckpt["preset"] == "toy" and ckpt["base"] == os.path.join(out, "sd")
