@@ -24,6 +24,7 @@ import random
 import sys
 import warnings
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFile, ImageOps
 from torch.utils.data import Dataset, DistributedSampler, Sampler
@@ -75,6 +76,8 @@ def load_image(path: str, box=None) -> Image.Image:
     """Open any common image as RGB: EXIF rotation applied; grey/RGBA/CMYK/palette -> RGB
     (transparency composited on white); optional crop box (xmin, xmax, ymin, ymax) in [0, 1].
     Raises BadImage with a one-line reason."""
+    if os.path.isdir(path):
+        raise BadImage(f"{path} is a directory, not an image file")
     if not os.path.isfile(path):
         raise BadImage(f"no such file: {path}")
     if os.path.getsize(path) == 0:
@@ -85,6 +88,7 @@ def load_image(path: str, box=None) -> Image.Image:
             with Image.open(path) as im:
                 im.load()  # decode now: truncated or corrupt data fails here
                 im = ImageOps.exif_transpose(im)
+                im = _to_8_bit(im)
                 if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                     im = im.convert("RGBA")
                     bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -98,6 +102,24 @@ def load_image(path: str, box=None) -> Image.Image:
         crop = (int(x0 * w), int(y0 * h), max(int(x0 * w) + 1, math.ceil(x1 * w)), max(int(y0 * h) + 1, math.ceil(y1 * h)))
         im = im.crop(crop)
     return im
+
+
+def _to_8_bit(im: Image.Image) -> Image.Image:
+    """16-bit and 32-bit single-channel images (modes I;16*, I, F) as 8-bit grey ("L").
+
+    Pillow's convert("RGB") clips these at 255 instead of scaling them, so a 16-bit grey PNG
+    would become a white picture. Integer modes are scaled from their full range (0..65535 for
+    16-bit data, also when Pillow reports it as "I"); float images are taken to be in [0, 1]
+    if they fit there, else in [0, 255].
+    """
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return im
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        scale = 255.0 if a.max(initial=0) <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0 if (im.mode.startswith("I;16") or a.max(initial=0) > 255) else 1.0
+    return Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8))  # mode "L"
 
 
 # ----------------------------------------------------------------------------------------
@@ -247,7 +269,7 @@ class ConceptImages(Dataset):
 
     Index with an int, or with (index, seed) pairs from ResumableSampler: the seed fixes the
     augmentation, so a run (and a resumed run) sees the same views whatever the worker count.
-    An unreadable file is skipped: the next index is used instead and "bad" counts the skips.
+    An unreadable file is skipped: the next index is used instead and "bad" names the skipped files.
     """
 
     def __init__(self, data: str | None, openimages: str | None, resolution: int, clip_size: int = 224,
@@ -275,18 +297,21 @@ class ConceptImages(Dataset):
 
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, key)
-        bad = 0
+        bad = []
         for k in range(len(self.items)):
+            i = (index + k) % len(self.items)
             try:
-                im = self._image((index + k) % len(self.items))
+                im = self._image(i)
                 break
             except BadImage:
-                bad += 1
+                bad.append(str(self.items[i][0]))
         else:
             raise RuntimeError("every image in the data set is unreadable")
         rng = random.Random(seed) if self.augment else None
         vae, clip = make_views(im, self.resolution, self.clip_size, rng)
-        return {"vae": vae, "clip": clip, "bad": bad}
+        # "bad": the unreadable files skipped on the way, one per line ("" for none); a string, so
+        # that the default collate keeps it (the trainer counts distinct names per epoch).
+        return {"vae": vae, "clip": clip, "bad": "\n".join(bad)}
 
 
 class ResumableSampler(Sampler):

@@ -35,6 +35,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import data as data_lib
@@ -259,22 +260,32 @@ def read_prompts(cfg: Config) -> list[str]:
         return list(DEFAULT_PROMPTS)
     if not os.path.isfile(cfg.prompts):
         raise UserError(f"--prompts: no such file: {cfg.prompts}")
-    with open(cfg.prompts) as f:
-        prompts = [line.strip() for line in f if line.strip()]
+    with open(cfg.prompts) as f:  # one prompt a line; blank lines and "# comments" are skipped
+        prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise UserError(f"--prompts: {cfg.prompts} holds no prompt")
     missing = [p for p in prompts if model.PLACEHOLDER not in p]
     if missing:
         raise UserError(f"--prompts: {len(missing)} prompt(s) without {model.PLACEHOLDER}, e.g. {missing[0]!r}")
+    try:
+        model.tokenize_with_placeholder(model.build_tokenizer(), prompts)
+    except model.PromptTooLong as e:
+        raise UserError(f"--prompts: {e}") from None
     return prompts
 
 
 def check_inputs(cfg: Config):
     if not os.path.isdir(cfg.images):
         raise UserError(f"--images: no such folder: {cfg.images}")
-    files = sorted(f for f in os.listdir(cfg.images) if os.path.splitext(f)[1].lower() in data_lib.IMAGE_EXTS)
+    entries = sorted(os.listdir(cfg.images))
+    files = [f for f in entries if os.path.splitext(f)[1].lower() in data_lib.IMAGE_EXTS
+             and os.path.isfile(os.path.join(cfg.images, f))]
     if not files:
         raise UserError(f"--images: no image files in {cfg.images}")
+    folders = [f for f in entries if os.path.isdir(os.path.join(cfg.images, f))]
+    if folders:
+        print(f"evaluate.py: note: sub-folders of --images are not searched ({', '.join(folders[:3])}"
+              f"{' ...' if len(folders) > 3 else ''}): one concept is one image file in {cfg.images}", file=sys.stderr)
     variants = list(VARIANTS) if cfg.variants.strip() == "paper" else [v.strip() for v in cfg.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
@@ -285,6 +296,9 @@ def check_inputs(cfg: Config):
             raise UserError(f"{flag} must be positive, got {val}")
     if cfg.tune_steps < 0:
         raise UserError(f"--tune-steps must be >= 0, got {cfg.tune_steps}")
+    if not (cfg.ti_lr > 0 and cfg.lora_lr > 0) or cfg.guidance < 0:
+        raise UserError("--ti-lr and --lora-lr must be positive and --guidance >= 0")
+    model.check_output(cfg.out, "folder")
     if "no_hypernet" in variants and not cfg.no_hypernet_encoder:
         raise UserError("the no_hypernet variant needs an encoder pre-trained without the hypernetwork: "
                         "train one with `python pretrain.py --no-hypernet ...` and pass --no-hypernet-encoder PATH")
@@ -375,33 +389,10 @@ def load_encoders(cfg: Config, variants: list[str], comps, names, device) -> dic
     return encoders
 
 
-def main(cfg: Config):
-    from PIL import Image
-
-    # 1) Inputs, before anything heavy.
-    files, variants, prompts = check_inputs(cfg)
-    nouns = class_nouns(cfg.images, files)
-    images = {}
-    for f in files:
-        try:
-            images[f] = data_lib.load_image(os.path.join(cfg.images, f))
-        except data_lib.BadImage as e:
-            raise UserError(str(e)) from None
-    _, preset = tune.load_encoder_checkpoint(tune.Config(encoder=cfg.encoder, preset=cfg.preset, base=cfg.base,
-                                                         clip=cfg.clip), prog="evaluate.py")
-
-    # 2) Models: frozen parts set up exactly as tune.py sets them up, encoders, pipeline, metric CLIP.
-    device = torch.device(cfg.device) if cfg.device else model.default_device()
-    comps, names = tune.load_models(preset, device, cfg.base, cfg.clip)
-    encoders = load_encoders(cfg, variants, comps, names, device)
-    pipe = sample.build_pipeline(comps)
-    pipe.set_progress_bar_config(disable=True)  # one bar for the whole run instead
-    metric = ClipMetric(preset, device, cfg.eval_clip)
-
-    # 3) Concepts, images, scores. Everything finished is on disk and reused on a re-run.
-    os.makedirs(cfg.out, exist_ok=True)
+def run_variants(cfg: Config, variants, files, prompts, nouns, images, comps, encoders, pipe, metric, bar):
+    """Tune (or reuse) every concept of every variant, generate (or reuse) its images, score them.
+    Returns ({variant: {concept: scores}}, {"concepts": reused, "images": reused})."""
     results, reused = {}, {"concepts": 0, "images": 0}
-    bar = tqdm(total=len(variants) * len(files) * (1 + len(prompts)), desc="evaluate", dynamic_ncols=True)
     for variant in variants:
         results[variant] = {}
         for f in files:
@@ -413,9 +404,10 @@ def main(cfg: Config):
             if concept is not None:
                 reused["concepts"] += 1
             else:
+                bar.set_description(f"tuning {variant}/{stem}")
                 concept = make_concept(cfg, variant, comps, encoders, images[f], os.path.join(cfg.images, f), nouns[f])
                 model.atomic_save(concept, cpath)
-            bar.update(1)
+            bar.set_description(f"sampling {variant}/{stem}")
             per_prompt = {}
             for j, prompt in enumerate(prompts):
                 idir = os.path.join(cfg.out, "images", variant, stem)
@@ -434,12 +426,44 @@ def main(cfg: Config):
                 per_prompt[prompt] = {"identity": metric.identity(images[f], gen),
                                       "prompt": metric.prompt_similarity(gen, text),
                                       "text": text, "images": [os.path.relpath(p, cfg.out) for p in paths]}
-                bar.update(1)
+                bar.update(cfg.num_images)
             results[variant][stem] = {"noun": nouns[f], "token": concept["token"], "prompts": per_prompt,
                                       "tune_s": concept["tuning"]["seconds"],
                                       "identity": sum(r["identity"] for r in per_prompt.values()) / len(per_prompt),
                                       "prompt": sum(r["prompt"] for r in per_prompt.values()) / len(per_prompt)}
-    bar.close()
+    return results, reused
+
+
+def main(cfg: Config):
+    # 1) Inputs, before anything heavy.
+    files, variants, prompts = check_inputs(cfg)
+    nouns = class_nouns(cfg.images, files)
+    images = {}
+    for f in files:
+        try:
+            images[f] = data_lib.load_image(os.path.join(cfg.images, f))
+        except data_lib.BadImage as e:
+            raise UserError(str(e)) from None
+    _, preset = tune.load_encoder_checkpoint(tune.Config(encoder=cfg.encoder, preset=cfg.preset, base=cfg.base,
+                                                         clip=cfg.clip), prog="evaluate.py")
+
+    # 2) Models: frozen parts set up exactly as tune.py sets them up, encoders, pipeline, metric CLIP.
+    device = model.resolve_device(cfg.device)
+    comps, names = tune.load_models(preset, device, cfg.base, cfg.clip)
+    encoders = load_encoders(cfg, variants, comps, names, device)
+    pipe = sample.build_pipeline(comps)
+    pipe.set_progress_bar_config(disable=True)  # one bar for the whole run instead
+    metric = ClipMetric(preset, device, cfg.eval_clip)
+
+    # 3) Concepts, images, scores. Everything finished is on disk and reused on a re-run.
+    os.makedirs(cfg.out, exist_ok=True)
+    # The bar counts generated images (its estimate is in images); tuning shows in its label.
+    bar = tqdm(total=len(variants) * len(files) * len(prompts) * cfg.num_images, desc="evaluate", unit="image",
+               dynamic_ncols=True)
+    try:
+        results, reused = run_variants(cfg, variants, files, prompts, nouns, images, comps, encoders, pipe, metric, bar)
+    finally:
+        bar.close()  # before any message, also on Ctrl-C
 
     # 4) Summaries (mean and standard error over concept x prompt cells; tuning time over
     #    concepts), table, plot.

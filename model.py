@@ -16,9 +16,11 @@ This file is a library; it has no command line. See tune.py / pretrain.py / samp
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -182,6 +184,27 @@ def open_clip_model(arch: str, pretrained: str | None, device, file_quick_gelu: 
     return open_clip.create_model(arch, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu)
 
 
+class _weights_error:
+    """Turn a failure to load weights into one line that says what, from where, and what to do."""
+
+    def __init__(self, preset: str, flag: str, where: str):
+        self.preset, self.flag, self.where = preset, flag, where
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is None or not isinstance(err, Exception) or isinstance(err, UserError):
+            return False
+        reason = (str(err).strip().splitlines() or [kind.__name__])[0][:160]
+        what = {"--base": "the UNet / VAE / text encoder", "--clip": "the CLIP image encoder"}[self.flag]
+        hint = ("run toyworld.py first, or pass the folders it wrote" if self.preset == "toy" else
+                f"pass {self.flag} with a local copy ({'a diffusers SD 1.5 folder' if self.flag == '--base' else 'an open_clip ViT-H-14 file'}), "
+                f"check the network, or use --preset tiny for the offline smoke run")
+        raise UserError(f"cannot load {what} of preset {self.preset} from {self.flag} {self.where} "
+                        f"({kind.__name__}: {reason}); {hint}") from None
+
+
 @dataclass
 class Components:
     """The frozen parts of one preset, plus what describes them."""
@@ -326,16 +349,18 @@ def load_components(
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
-        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
-        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
-        scheduler = load_noise_scheduler(base)
+        with _weights_error(preset, "--base", base):
+            unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+            vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+            text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+            tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+            scheduler = load_noise_scheduler(base)
         image_encoder = None
         if with_image_encoder:
             # laion2b_s32b_b79k was trained with nn.GELU; a local file is taken to hold those weights
             # (a folder -- the toy world's -- carries its own architecture and activation).
-            image_encoder = open_clip_model(SD15_CLIP[0], clip, device, file_quick_gelu=False).visual
+            with _weights_error(preset, "--clip", clip):
+                image_encoder = open_clip_model(SD15_CLIP[0], clip, device, file_quick_gelu=False).visual
         parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, image_encoder=image_encoder)
     else:
         parts = _build_random(preset, device, with_image_encoder)
@@ -368,7 +393,9 @@ def load_components(
 @functools.lru_cache(maxsize=4096)
 def tokenize_ids(tokenizer, piece: str) -> tuple[int, ...]:
     """Token ids of a piece of prompt text, no special tokens (cached: templates repeat)."""
-    return tuple(tokenizer(piece, add_special_tokens=False).input_ids)
+    # verbose=False: transformers would warn about "indexing errors" for a long piece; the
+    # caller says what really happens to a long prompt (tokenize_with_placeholder).
+    return tuple(tokenizer(piece, add_special_tokens=False, verbose=False).input_ids)
 
 
 def tokenize_with_placeholder(tokenizer, prompts: list[str], placeholder: str = PLACEHOLDER):
@@ -388,12 +415,20 @@ def tokenize_with_placeholder(tokenizer, prompts: list[str], placeholder: str = 
             if j < len(pieces) - 1:
                 slots.append(len(row))
                 row.append(0)
+        if any(s >= MAX_TOKENS - 1 for s in slots):
+            raise PromptTooLong(f"the prompt is too long: {placeholder} is token {max(slots)} of {len(row) - 1}, "
+                                f"but SD 1.5 reads {MAX_TOKENS - 2} tokens, so it would be cut off: {prompt[:60]!r}...")
+        if len(row) > MAX_TOKENS - 1:
+            warnings.warn(f"the prompt has {len(row) - 1} tokens; SD 1.5 reads {MAX_TOKENS - 2}, so the text after "
+                          f"token {MAX_TOKENS - 2} is cut off: {prompt!r}")
         row = row[: MAX_TOKENS - 1] + [EOS_ID]  # truncate like the pipeline does
         ids[b, : len(row)] = torch.tensor(row)
-        for s in slots:
-            if s < MAX_TOKENS - 1:
-                mask[b, s] = True
+        mask[b, slots] = True
     return ids, mask
+
+
+class PromptTooLong(ValueError):
+    """A prompt whose placeholder falls beyond the 75 tokens the text encoder reads."""
 
 
 def encode_prompt(
@@ -865,16 +900,75 @@ class UserError(Exception):
 
 
 def run_cli(name: str, main, parse_args, argv=None) -> int:
-    """A script's command-line entry: main(parse_args(argv)); a UserError becomes one line on
-    stderr and exit code 2 (never a traceback, and main writes nothing before it checks)."""
+    """A script's command-line entry: main(parse_args(argv)).
+
+    A UserError becomes one line on stderr and exit code 2 (never a traceback; main checks
+    before it writes). Ctrl-C becomes one line and exit code 130 (every output is written
+    atomically, so nothing is left half-written; what was finished stays). Our own warnings
+    print as one line with the script's name.
+    """
     import sys
 
+    here = os.path.dirname(os.path.abspath(__file__))
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if os.path.dirname(os.path.abspath(filename)) == here:
+            print(f"{name}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line
     try:
         main(parse_args(argv))
     except UserError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted (finished outputs are kept; none is half-written)", file=sys.stderr)
+        return 130
+    finally:
+        warnings.showwarning = show
     return 0
+
+
+def check_output(path: str, kind: str, flag: str = "--out"):
+    """Before any model is loaded: can `path` (a "file" or a "folder") be written? Raises UserError.
+
+    Missing parent folders are fine (they are created when the output is written); an output
+    of the wrong kind, or a place that cannot be written even by root (a read-only file system,
+    /proc), is not.
+    """
+    import tempfile
+
+    if kind == "file" and os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give the path of a file")
+    if kind == "folder" and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file; give the path of a folder")
+    probe = os.path.abspath(path if kind == "folder" else os.path.dirname(os.path.abspath(path)))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{flag} {path}: {probe} is a file, so no folder can be made there")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {probe} ({e.strerror or e.__class__.__name__})") from None
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device: None -> cuda if available, else cpu; a CUDA device that is not there is a UserError."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def frozen_dtype(device) -> torch.dtype:
@@ -918,6 +1012,7 @@ def atomic_write(path: str, write):
 
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{os.getpid()}{ext}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -934,7 +1029,6 @@ def atomic_save(obj, path: str):
 def config_parser(cls, description: str, required=(), choices=None):
     """argparse from a script's @dataclass Config: one --flag per field, its default, and its
     trailing `# comment` as the help text (so the config block is the single documentation)."""
-    import argparse
     import dataclasses
     import inspect
     import re
@@ -944,13 +1038,41 @@ def config_parser(cls, description: str, required=(), choices=None):
         m = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
         if m:
             comments[m.group(1)] = m.group(2)
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    types = {"int": int, "float": float, "int | None": int, "float | None": float}
+    p = OneLineErrorParser(description=description, formatter_class=DefaultsHelpFormatter)
+    types = {"int": int, "float": finite_float, "int | None": int, "float | None": finite_float}
     for f in dataclasses.fields(cls):
         flag, text = "--" + f.name.replace("_", "-"), comments.get(f.name, " ").replace("%", "%%")
         if f.type in ("bool", "bool | None"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        elif f.name in required:  # no "(default: ...)" for a flag that must be given
+            p.add_argument(flag, type=types.get(f.type, str), default=argparse.SUPPRESS, required=True,
+                           choices=(choices or {}).get(f.name), help=text + " (required)")
         else:
-            p.add_argument(flag, type=types.get(f.type, str), default=None if f.name in required else f.default,
-                           required=f.name in required, choices=(choices or {}).get(f.name), help=text)
+            p.add_argument(flag, type=types.get(f.type, str), default=f.default, choices=(choices or {}).get(f.name),
+                           help=text)
     return p
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is a number (no nan, no inf)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return x
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None (the help text then says what happens instead)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose errors are a UserError (one line, exit code 2 through run_cli), not usage + exit."""
+
+    def error(self, message):
+        raise UserError(message)

@@ -55,7 +55,7 @@ class Config:
     log_every: int = 50  # one JSON line in log.jsonl per this many steps
     resume: str | None = None  # a checkpoint path, or "auto" = OUT/encoder.pt if it exists
     stop_at: int | None = None  # end this run after this step (checkpointed), e.g. to fit a job slot
-    seed: int = 0
+    seed: int = 0  # fixes every random choice (noise, t, prompts, augmentation, initialisation)
     grad_checkpointing: bool = False  # trade compute for memory in the UNet
     alpha_blend: float = 0.25  # Eq. (5) alpha during pre-training (as in tuning, Sec. 5.1)
     embedding_reg: str = "contrastive"  # Sec. 5.2: contrastive = Eq. (3)+(4) | nearest-cosine (+ Eq. 4) | l2 = Eq. (4) | none
@@ -100,6 +100,9 @@ def check_config(cfg: Config):
         raise model.UserError(f"--val-images: no such folder: {cfg.val_images}")
     if cfg.val_every <= 0 or cfg.val_views <= 0:
         raise model.UserError("--val-every and --val-views must be positive")
+    if not cfg.lr > 0 or cfg.grad_clip <= 0 or cfg.warmup_steps < 0:
+        raise model.UserError("--lr and --grad-clip must be positive and --warmup-steps >= 0")
+    model.check_output(cfg.out, "folder")
     if cfg.resume not in (None, "auto") and not os.path.isfile(cfg.resume):
         raise model.UserError(f"--resume: no such checkpoint: {cfg.resume}")
 
@@ -308,7 +311,10 @@ def main(cfg: Config):
         torch.backends.cudnn.allow_tf32 = True
     master = rank == 0
     try:
-        return _train(cfg, device, rank, world, master)
+        encoder = _train(cfg, device, rank, world, master)
+        if ddp:  # every rank is done (rank 0 writes the log last) before any rank tears down
+            dist.barrier()
+        return encoder
     finally:
         if ddp:
             dist.destroy_process_group()
@@ -372,7 +378,7 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
     last = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps
     bar = tqdm(total=last, initial=step, disable=not master, desc="pretrain", dynamic_ncols=True)
     encoder.train()
-    bad_images, t_log, images_since, ips = 0, time.time(), 0, 0.0
+    bad_images, t_log, images_since, ips = set(), time.time(), 0, 0.0  # bad_images: names of unreadable files
     epoch = step // steps_per_epoch
 
     def save(periodic: bool):
@@ -384,14 +390,19 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
             model.atomic_save(ckpt, os.path.join(cfg.out, f"encoder_{step:07d}.pt"))
 
     def report_bad(epoch: int):
-        n = torch.tensor([bad_images], device=device)
+        """Name the distinct unreadable files of the epoch (all ranks), on stderr and in the log."""
+        names = [bad_images]
         if world > 1:
-            dist.all_reduce(n)
-        if master and n.item():
-            print(f"epoch {epoch}: skipped {n.item()} unreadable image(s)", file=sys.stderr)
+            names = [None] * world
+            dist.all_gather_object(names, bad_images)
+        names = sorted(set().union(*names))
+        if master and names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            bar.write(f"epoch {epoch}: skipped {len(names)} unreadable image(s): {shown}", file=sys.stderr)
         if master:
             with open(log_path, "a") as f:
-                f.write(json.dumps({"event": "epoch_end", "epoch": epoch, "step": step, "bad_images": int(n.item())}) + "\n")
+                f.write(json.dumps({"event": "epoch_end", "epoch": epoch, "step": step, "bad_images": len(names),
+                                    "bad_files": names}) + "\n")
 
     try:
         while step < last:
@@ -404,7 +415,7 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
                 opt.step()
                 sched.step()
                 step += 1
-                bad_images += int(batch["bad"].sum())
+                bad_images.update(p for b in batch["bad"] for p in b.splitlines())
                 images_since += cfg.batch_size * world
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == last:  # (.item() waits for the GPU: only here)
@@ -434,7 +445,7 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
                     break
             else:  # a full epoch ended
                 report_bad(epoch)
-                bad_images = 0
+                bad_images = set()
         save(periodic=False)
     except KeyboardInterrupt:
         if master:
@@ -444,6 +455,9 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
     finally:
         bar.close()
     report_bad(epoch)
+    if master:
+        print(f"pretrain.py: wrote {os.path.join(cfg.out, 'encoder.pt')} (step {step}; tune.py --encoder reads it) "
+              f"and {log_path}", file=sys.stderr)
 
     # 6) Check that the ranks agree, and report.
     checksum = torch.stack([sum(p.detach().double().sum() for p in encoder.parameters()),

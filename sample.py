@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 import dualpath
 import model
@@ -31,13 +32,14 @@ import model
 class Config:
     prompt: str = ""  # must mention the placeholder (S*) to use the concept's word
     concept: str = "concept.pt"  # tune.py output, or "none" = plain Stable Diffusion
-    negative_prompt: str = ""
-    num_images: int = 4
+    negative_prompt: str = ""  # what to steer away from (the unconditional half of guidance)
+    num_images: int = 4  # images to generate; each PNG is written as soon as it is done
+    batch_size: int = 4  # images per pipeline call (memory grows with it)
     steps: int = 50  # DDIM steps
     guidance: float = 7.5  # classifier-free guidance scale
     seed: int = 0  # image i uses seed + i, so the same seed gives the same pixels
     alpha_blend: float | None = None  # Eq. (5) alpha; default: the one stored in the concept file
-    out: str = "samples"  # folder for the PNGs and the grid
+    out: str = "samples"  # folder for the PNGs and the grid (created if missing)
     preset: str | None = None  # default: the concept's preset (sd15 for --concept none)
     base: str | None = None  # sd15: SD 1.5 hub id or folder (default: the concept's)
     device: str | None = None  # default: cuda if available, else cpu
@@ -132,8 +134,11 @@ def check_config(cfg: Config):
         raise UserError(f"--num-images must be positive, got {cfg.num_images}")
     if cfg.alpha_blend is not None and not 0.0 <= cfg.alpha_blend <= 1.0:
         raise UserError(f"--alpha-blend must be in [0, 1], got {cfg.alpha_blend}")
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise UserError(f"--out {cfg.out} exists and is not a folder")
+    if cfg.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {cfg.batch_size}")
+    if cfg.guidance < 0:
+        raise UserError(f"--guidance must be >= 0, got {cfg.guidance}")
+    model.check_output(cfg.out, "folder")
 
 
 def load_concept_checked(cfg: Config):
@@ -159,8 +164,12 @@ def main(cfg: Config):
     # 1) Check the inputs before loading anything heavy.
     check_config(cfg)
     concept, preset = load_concept_checked(cfg)
-    device = torch.device(cfg.device) if cfg.device else model.default_device()
-    base = cfg.base or (concept or {}).get("base") or model.SD15_BASE
+    try:  # a placeholder past the 75 tokens the text encoder reads is an error, not a silent cut
+        model.tokenize_with_placeholder(model.build_tokenizer(), [cfg.prompt], (concept or {}).get("placeholder", model.PLACEHOLDER))
+    except model.PromptTooLong as e:
+        raise UserError(str(e)) from None
+    device = model.resolve_device(cfg.device)
+    base = cfg.base or (concept or {}).get("base") or None
 
     # 2) Frozen parts (no image tower needed), dual-path processors, the pipeline.
     comps = model.load_components(preset, device=device, dtype=model.frozen_dtype(device), base=base, with_image_encoder=False)
@@ -168,28 +177,34 @@ def main(cfg: Config):
     if concept is not None and set(concept["lora_A"]) - set(names):
         raise UserError(f"{cfg.concept} does not match this UNet's attention layers")
     pipe = build_pipeline(comps)
+    pipe.set_progress_bar_config(disable=True)  # one bar over the images instead
     if cfg.compile:
         mode = "reduce-overhead" if device.type == "cuda" else None
         pipe.unet = torch.compile(comps.unet, mode=mode)
-    args = dict(negative_prompt=cfg.negative_prompt, num_images=cfg.num_images, steps=cfg.steps, guidance=cfg.guidance,
-                alpha_blend=cfg.alpha_blend)
+    args = dict(negative_prompt=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance, alpha_blend=cfg.alpha_blend)
+    batch = min(cfg.batch_size, cfg.num_images)
     if cfg.compile:  # warm-up (compilation, CUDA-graph warm-up and capture) is not counted
-        generate(pipe, comps, concept, cfg.prompt, **{**args, "steps": 3}, seed=cfg.seed)
+        generate(pipe, comps, concept, cfg.prompt, **{**args, "steps": 3}, num_images=batch, seed=cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    # 3) Generate.
-    model.sync(device)
-    t0 = time.perf_counter()
-    images = generate(pipe, comps, concept, cfg.prompt, **args, seed=cfg.seed)
-    model.sync(device)
-    s_per_image = (time.perf_counter() - t0) / cfg.num_images
-
-    # 4) Write PNGs (atomically) and a grid.
-    os.makedirs(cfg.out, exist_ok=True)
+    # 3) Generate in batches; each PNG is written (atomically) as soon as its batch is done, so
+    #    Ctrl-C keeps what was finished. Image i always uses seed + i, whatever the batch size.
     stem = f"{slug(cfg.prompt)}_s{cfg.seed}"
-    for i, im in enumerate(images):
-        save_png(im, os.path.join(cfg.out, f"{stem}_{i:02d}.png"))
+    images, seconds = [], 0.0
+    with tqdm(total=cfg.num_images, desc="images", dynamic_ncols=True, disable=cfg.num_images < 2) as bar:
+        for first in range(0, cfg.num_images, batch):
+            n = min(batch, cfg.num_images - first)
+            model.sync(device)
+            t0 = time.perf_counter()
+            done = generate(pipe, comps, concept, cfg.prompt, **args, num_images=n, seed=cfg.seed + first)
+            model.sync(device)
+            seconds += time.perf_counter() - t0
+            for i, im in enumerate(done):
+                save_png(im, os.path.join(cfg.out, f"{stem}_{first + i:02d}.png"))
+            images += done
+            bar.update(n)
+    s_per_image = seconds / cfg.num_images
     save_png(grid(images), os.path.join(cfg.out, f"{stem}_grid.png"))
     print(f"wrote {len(images)} images and {stem}_grid.png to {cfg.out}/ ({s_per_image:.3f} s/image, "
           f"{model.device_name(device)})", file=sys.stderr)
@@ -198,14 +213,18 @@ def main(cfg: Config):
         # Plain SD, same prompt with the concept's real token, same run, same settings.
         plain_prompt = cfg.prompt.replace(concept["placeholder"], concept["token"]) if concept else cfg.prompt
         if cfg.compile:
-            generate(pipe, comps, None, plain_prompt, **{**args, "steps": 3}, seed=cfg.seed)
-        model.sync(device)
-        t1 = time.perf_counter()
-        generate(pipe, comps, None, plain_prompt, **args, seed=cfg.seed)
-        model.sync(device)
-        plain = (time.perf_counter() - t1) / cfg.num_images
+            generate(pipe, comps, None, plain_prompt, **{**args, "steps": 3}, num_images=batch, seed=cfg.seed)
+        plain = 0.0
+        for first in range(0, cfg.num_images, batch):
+            n = min(batch, cfg.num_images - first)
+            model.sync(device)
+            t1 = time.perf_counter()
+            generate(pipe, comps, None, plain_prompt, **args, num_images=n, seed=cfg.seed + first)
+            model.sync(device)
+            plain += time.perf_counter() - t1
+        plain /= cfg.num_images
         print(json.dumps({"what": "sample", "preset": preset, "device": model.device_name(device),
-                          "num_images": cfg.num_images, "steps": cfg.steps, "compile": cfg.compile,
+                          "num_images": cfg.num_images, "batch_size": batch, "steps": cfg.steps, "compile": cfg.compile,
                           "s_per_image": round(s_per_image, 4), "plain_s_per_image": round(plain, 4),
                           "ratio": round(s_per_image / plain, 3), "peak_gb": round(model.peak_memory_gb(device), 3)}))
     return images

@@ -47,7 +47,7 @@ class Config:
     encoder_timestep: int = 500  # t of the noisy latent fed to the encoder's UNet branch (one forward)
     hypernet: bool = True  # False: LoRA starts at zero (A random, B = 0), only v0 comes from the encoder
     placeholder: str = model.PLACEHOLDER  # the word that stands for the concept in prompts
-    seed: int = 0
+    seed: int = 0  # fixes every random choice (noise, t, prompts, augmentation, initialisation)
     grad_checkpointing: bool | None = None  # default: on for CUDA (lower peak memory), off on CPU
     device: str | None = None  # default: cuda if available, else cpu
     base: str = model.SD15_BASE  # sd15 only: SD 1.5 hub id or folder
@@ -73,6 +73,10 @@ def check_config(cfg: Config):
         raise UserError(f"--alpha-blend must be in [0, 1], got {cfg.alpha_blend}")
     if not cfg.placeholder.strip():
         raise UserError("--placeholder must not be empty")
+    if not (cfg.lr > 0 and cfg.lambda_anchor >= 0):
+        raise UserError(f"--lr must be positive and --lambda-anchor >= 0, got {cfg.lr} and {cfg.lambda_anchor}")
+    if not 0 <= cfg.encoder_timestep < 1000:
+        raise UserError(f"--encoder-timestep must be in [0, 1000), got {cfg.encoder_timestep}")
 
 
 def load_encoder_checkpoint(cfg: Config, prog: str = "tune.py"):
@@ -171,7 +175,8 @@ def optimise(comps, latents, v0, lora0, *, steps: int, lr_v: float, lr_lora: flo
     Each step: fresh noise and t, fresh prompt templates, then Eq. (1) through the dual-path
     UNet (Eq. 5) -- the hard token of C_h is v's nearest real token *at this step* -- plus
     lambda_anchor * ||(v, A, B) - (v0, A0, B0)||^2 (Sec. 4.4; 0 turns it off, as for the
-    baselines). Returns (v, lora, per-step losses, seconds).
+    baselines). A non-finite loss stops the run (UserError). Returns (v, lora, per-step losses,
+    seconds).
     """
     device = latents.device
     v = v0.clone().requires_grad_(True)
@@ -183,22 +188,24 @@ def optimise(comps, latents, v0, lora0, *, steps: int, lr_v: float, lr_lora: flo
     step_losses = []
     model.sync(device)
     t0 = time.perf_counter()
-    for step in tqdm(range(steps), desc="tune", leave=False, disable=steps < 50):
-        # Seeds: one stream per step for the noise and t, another for the prompt templates. The
-        # multipliers (a large prime, another prime) only keep different --seed values' streams apart.
-        gstep = torch.Generator(device).manual_seed(seed * 1_000_003 + step)
-        z_t, t, _, target = model.noisy_latents(comps.noise_scheduler, latents, gstep)
-        prompts = data_lib.make_prompts(len(latents), random.Random(seed * 7_919 + step), placeholder)
-        pred = model.dual_path_prediction(comps, z_t, t, prompts, v, lora, alpha, placeholder)  # Eq. (5)
-        diff = losses.diffusion_loss(pred, target)  # Eq. (1)
-        loss = diff + lambda_anchor * losses.anchor_l2(params, anchors) if lambda_anchor else diff  # Sec. 4.4
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step_losses.append(loss.item())
-        if not math.isfinite(step_losses[-1]):
-            raise UserError(f"the loss became {step_losses[-1]} at step {step + 1}: lower --lr")
-        log(f"step {step + 1}/{steps}  loss {step_losses[-1]:.5f}  (Eq. 1: {diff.item():.5f})")
+    with tqdm(total=steps, desc="tune", leave=False, disable=steps < 50) as bar:  # (closed on Ctrl-C too)
+        for step in range(steps):
+            # Seeds: one stream per step for the noise and t, another for the prompt templates.
+            # The multipliers (primes) only keep the streams of different --seed values apart.
+            gstep = torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+            z_t, t, _, target = model.noisy_latents(comps.noise_scheduler, latents, gstep)
+            prompts = data_lib.make_prompts(len(latents), random.Random(seed * 7_919 + step), placeholder)
+            pred = model.dual_path_prediction(comps, z_t, t, prompts, v, lora, alpha, placeholder)  # Eq. (5)
+            diff = losses.diffusion_loss(pred, target)  # Eq. (1)
+            loss = diff + lambda_anchor * losses.anchor_l2(params, anchors) if lambda_anchor else diff  # Sec. 4.4
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step_losses.append(loss.item())
+            if not math.isfinite(step_losses[-1]):
+                raise UserError(f"the loss became {step_losses[-1]} at step {step + 1}: lower --lr")
+            log(f"step {step + 1}/{steps}  loss {step_losses[-1]:.5f}  (Eq. 1: {diff.item():.5f})")
+            bar.update(1)
     model.sync(device)
     return v.detach(), {k: (A.detach(), B.detach()) for k, (A, B) in lora.items()}, step_losses, time.perf_counter() - t0
 
@@ -302,12 +309,10 @@ def main(cfg: Config):
     except data_lib.BadImage as e:
         raise UserError(str(e)) from None
     ckpt, preset = load_encoder_checkpoint(cfg)
-    out_dir = os.path.dirname(os.path.abspath(cfg.out))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"--out: folder {out_dir} does not exist")
+    model.check_output(cfg.out, "file")  # (a missing parent folder is created when the file is written)
+    device = model.resolve_device(cfg.device)
 
     # 2) Frozen parts (bf16 on CUDA) and the encoder.
-    device = torch.device(cfg.device) if cfg.device else model.default_device()
     comps, names = load_models(preset, device, cfg.base, cfg.clip, cfg.grad_checkpointing)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -145,13 +145,31 @@ def test_awkward_images_are_converted_and_a_corrupt_one_is_counted(tmp_path):
     assert data.load_image(str(folder / "e_cmyk.jpg")).mode == "RGB"
     ds = data.ConceptImages(str(folder), None, 32)
     sample = ds[1]  # the corrupt file: replaced by the next one, counted
-    assert sample["bad"] == 1 and sample["vae"].shape == (3, 32, 32) and sample["clip"].shape == (3, 224, 224)
+    assert sample["bad"] == str(folder / "b_corrupt.jpg")
+    assert sample["vae"].shape == (3, 32, 32) and sample["clip"].shape == (3, 224, 224)
     assert ds[6]["vae"].shape == (3, 32, 32)  # 5 x 3 px upscaled
     # A whole epoch of training over the folder: it completes and reports the one bad file.
     cfg = _cfg(tmp_path, data=str(folder), steps=4, batch_size=2)
     pretrain.main(cfg)
     ends = [r for r in _log(cfg) if r.get("event") == "epoch_end"]
     assert ends[0]["epoch"] == 0 and ends[0]["bad_images"] == 1
+    assert ends[0]["bad_files"] == [str(folder / "b_corrupt.jpg")]
+
+
+def test_skipped_files_are_counted_once_and_named(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        data.synthetic_image(i, size=48).save(folder / f"good{i}.png")
+    for i in range(3):  # consecutive bad files: fetching each skips the ones after it too
+        (folder / f"h_bad{i}.png").write_bytes(b"not a png")
+    cfg = _cfg(tmp_path, data=str(folder), steps=3, batch_size=2)
+    pretrain.main(cfg)
+    ends = [r for r in _log(cfg) if r.get("event") == "epoch_end"]
+    assert ends[0]["bad_images"] == 3 and ends[0]["bad_files"] == [str(folder / f"h_bad{i}.png") for i in range(3)]
+    err = capsys.readouterr().err
+    assert "skipped 3 unreadable image(s)" in err and "h_bad0.png" in err
+    assert f"wrote {os.path.join(cfg.out, 'encoder.pt')} (step 3" in err
 
 
 def test_exif_rotation_is_applied(tmp_path):
