@@ -20,7 +20,8 @@ Variants
     python evaluate.py --images examples/ --preset tiny --encoder random --num-images 2 --steps 10
 
 Writes OUT/metrics.json, OUT/metrics.md (a table with tuning times), OUT/tradeoff.png (Fig. 5a
-and 5b panels) and the images under OUT/images/. Re-running with the same --out reuses finished
+and 5b panels), OUT/grid.png (input photo, then one image per prompt, per variant: Fig. 3/4
+style) and the images under OUT/images/. Re-running with the same --out reuses finished
 concepts and images.
 """
 from __future__ import annotations
@@ -341,6 +342,35 @@ def plot_tradeoff(summary: dict, path: str):
     plt.close(fig)
 
 
+def image_grid(results: dict, images: dict, files: list[str], prompts: list[str], out: str, path: str,
+               max_concepts: int = 4, tile: int = 96):
+    """A Fig. 3/4-style grid: for each of the first concepts, one row per variant -- the input
+    photo, then the first generated image of every prompt. Column headers are prompt numbers
+    (the prompts are listed in metrics.md / metrics.json)."""
+    from PIL import ImageDraw
+
+    variants = list(results)
+    stems = [os.path.splitext(f)[0] for f in files][:max_concepts]
+    label_w = 110
+    grid = Image.new("RGB", (label_w + tile * (1 + len(prompts)), 16 + tile * len(stems) * len(variants)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((label_w + 4, 2), "input", fill="black")
+    for j in range(len(prompts)):
+        draw.text((label_w + tile * (1 + j) + 4, 2), f"prompt {j + 1}", fill="black")
+    row = 0
+    for f, stem in zip(files, stems):
+        for variant in variants:
+            y = 16 + row * tile
+            draw.text((4, y + tile // 2 - 12), f"{stem}\n{variant}", fill="black")
+            grid.paste(images[f].convert("RGB").resize((tile, tile), Image.NEAREST), (label_w, y))
+            cells = results[variant][stem]["prompts"]
+            for j, prompt in enumerate(prompts):
+                with Image.open(os.path.join(out, cells[prompt]["images"][0])) as im:
+                    grid.paste(im.convert("RGB").resize((tile, tile), Image.NEAREST), (label_w + tile * (1 + j), y))
+            row += 1
+    model.atomic_write(path, grid.save)
+
+
 def write_text(path: str, text: str):
     def write(tmp):
         with open(tmp, "w") as f:
@@ -349,7 +379,7 @@ def write_text(path: str, text: str):
     model.atomic_write(path, write)
 
 
-def markdown_table(summary: dict, n_concepts: int, n_prompts: int, num_images: int) -> str:
+def markdown_table(summary: dict, n_concepts: int, n_prompts: int, num_images: int, prompts=()) -> str:
     lines = [f"Identity (CLIP-I) and prompt (CLIP-T) similarity, mean ± standard error over "
              f"{n_concepts} concept(s) × {n_prompts} prompt(s), {num_images} image(s) each; tuning time per "
              f"concept (wall clock, mean ± SE).", "",
@@ -358,6 +388,8 @@ def markdown_table(summary: dict, n_concepts: int, n_prompts: int, num_images: i
         lines.append(f"| {name} | {s['identity']['mean']:.4f} ± {s['identity']['se']:.4f} | "
                      f"{s['prompt']['mean']:.4f} ± {s['prompt']['se']:.4f} | "
                      f"{s['tune_s']['mean']:.2f} ± {s['tune_s']['se']:.2f} |")
+    if prompts:
+        lines += ["", "Prompts (the columns of grid.png):", ""] + [f"{j + 1}. {p}" for j, p in enumerate(prompts)]
     return "\n".join(lines) + "\n"
 
 
@@ -480,10 +512,12 @@ def main(cfg: Config):
                                }.get(preset, "tiny-random"),
               "summary": summary, "variants": results, "reused": reused}
     write_text(os.path.join(cfg.out, "metrics.json"), json.dumps(report, indent=2))
-    write_text(os.path.join(cfg.out, "metrics.md"), markdown_table(summary, len(files), len(prompts), cfg.num_images))
+    write_text(os.path.join(cfg.out, "metrics.md"),
+               markdown_table(summary, len(files), len(prompts), cfg.num_images, prompts))
     plot_tradeoff(summary, os.path.join(cfg.out, "tradeoff.png"))
+    image_grid(results, images, files, prompts, cfg.out, os.path.join(cfg.out, "grid.png"))
     print(markdown_table(summary, len(files), len(prompts), cfg.num_images))
-    print(f"wrote {cfg.out}/metrics.json, metrics.md, tradeoff.png and images/", file=sys.stderr)
+    print(f"wrote {cfg.out}/metrics.json, metrics.md, tradeoff.png, grid.png and images/", file=sys.stderr)
     return report
 
 

@@ -198,10 +198,11 @@ def validate(cfg: Config, comps, encoder, val: dict, step: int, out_dir: str) ->
     """Is the encoder learning *concepts*? (a signal for any pre-training run)
 
     For each held-out image i the encoder predicts a concept (v_i, LoRA_i) from its centre view
-    (the one forward tune.py makes). Eq. (1) of concept i is measured on held-out views of image
-    i ("matched") and of image i+1 ("swapped"), with the same noise, t and prompts. An encoder
-    that captures concepts denoises its own image better: gap = swapped - matched > 0. An
-    encoder that learned one image-independent LoRA (a better denoiser, no concept) has gap ~ 0.
+    (the one forward tune.py makes). On held-out views of image i, Eq. (1) is measured with
+    image i's own concept ("matched") and with image i+1's ("swapped"), with the same noise, t
+    and prompts, so that the two differ only in the concept. An encoder that captures concepts
+    denoises an image better with its own: gap = swapped - matched > 0. An encoder that learned
+    one image-independent LoRA (a better denoiser, no concept) has gap ~ 0.
     Also: mean ||v*|| and mean ||Delta W||_F (summed over layers), and a one-step reconstruction
     grid (input, then x0 predicted at t = 500 by its matched concept) written to OUT/val/.
     """
@@ -217,10 +218,10 @@ def validate(cfg: Config, comps, encoder, val: dict, step: int, out_dir: str) ->
             v, lora = model.encode(encoder, comps, val["clip"][i:i + 1], z_t, t_enc)
         concepts.append((v.float(), {k: (A.float(), B.float()) for k, (A, B) in lora.items()}))
     matched, swapped = [], []
-    for i, (v, lora) in enumerate(concepts):
-        for target, losses_ in ((i, matched), ((i + 1) % n, swapped)):
-            z0 = val["latents"][target]  # (views, 4, h, w)
-            g = torch.Generator(device).manual_seed(10_000 + i)  # the same noise for matched and swapped
+    for i in range(n):
+        z0 = val["latents"][i]  # (views, 4, h, w): held-out views of image i
+        for (v, lora), losses_ in ((concepts[i], matched), (concepts[(i + 1) % n], swapped)):
+            g = torch.Generator(device).manual_seed(10_000 + i)  # the same noise, t, prompts for both
             z_t, t, _, tgt = model.noisy_latents(comps.noise_scheduler, z0, g)
             prompts = data_lib.make_prompts(len(z0), random.Random(i))
             pred = model.dual_path_prediction(comps, z_t, t, prompts, v, lora, cfg.alpha_blend)
@@ -389,6 +390,16 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
         if periodic:
             model.atomic_save(ckpt, os.path.join(cfg.out, f"encoder_{step:07d}.pt"))
 
+    validated = {"step": None}
+
+    def run_validation():
+        rec = validate(cfg, comps, encoder, val, step, cfg.out)
+        bar.write(f"step {step}: val gap (swapped - matched) {rec['gap']:+.5f} ± {rec['gap_se']:.5f}, "
+                  f"matched {rec['matched']:.5f}, |v*| {rec['v_norm']:.3f}, |dW| {rec['delta_w_norm']:.3f}", file=sys.stderr)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        validated["step"] = step
+
     def report_bad(epoch: int):
         """Name the distinct unreadable files of the epoch (all ranks), on stderr and in the log."""
         names = [bad_images]
@@ -433,12 +444,7 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
                         with open(log_path, "a") as f:
                             f.write(json.dumps(rec) + "\n")
                 if val is not None and (step % cfg.val_every == 0 or step == last):
-                    rec = validate(cfg, comps, encoder, val, step, cfg.out)
-                    bar.write(f"step {step}: val gap (swapped - matched) {rec['gap']:+.5f} ± {rec['gap_se']:.5f}, "
-                              f"matched {rec['matched']:.5f}, |v*| {rec['v_norm']:.3f}, |dW| {rec['delta_w_norm']:.3f}",
-                              file=sys.stderr)
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                    run_validation()
                 if step % cfg.save_every == 0:
                     save(periodic=True)
                 if step >= last:
@@ -455,6 +461,8 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
     finally:
         bar.close()
     report_bad(epoch)
+    if val is not None and validated["step"] != step:  # e.g. --resume of a finished run: validate it
+        run_validation()
     if master:
         print(f"pretrain.py: wrote {os.path.join(cfg.out, 'encoder.pt')} (step {step}; tune.py --encoder reads it) "
               f"and {log_path}", file=sys.stderr)

@@ -10,7 +10,7 @@ SD 1.5 (`--base DIR`, `--clip DIR`):
   the world   32 x 32 pictures of one object. Its CLASS is named by captions ("a star"); its
               INSTANCE details are never named by the text-to-image captions (a seeded pattern
               -- striped, dotted or checked -- in two colours: one particular star, as one
-              particular dog); its CONTEXT is named (background colour, position). Concepts
+              particular dog); its CONTEXT is named (background colour, small or large). Concepts
               used for evaluation are instances no training stage has seen.
   the models  a latent text-to-image model: AutoencoderKL + CLIPTextModel (SD 1.5's tokenizer
               and vocabulary) + UNet2DConditionModel with cross-attention, saved with
@@ -55,7 +55,7 @@ SIZE = 32  # pixels
 CLASSES = ("ring", "star", "square", "triangle", "cross", "heart")  # named by every caption
 BACKGROUNDS = {"red": (205, 45, 45), "green": (45, 160, 70), "blue": (45, 80, 210), "yellow": (235, 215, 50),
                "white": (240, 240, 240)}  # context, named
-POSITIONS = {"on the left": 0.28, "in the middle": 0.5, "on the right": 0.72}  # context, named: x of the centre
+SIZES = {"small": (0.13, 0.16), "large": (0.25, 0.29)}  # context, named: the object's radius / picture size
 PATTERNS = ("striped", "dotted", "checked")  # instance detail, never named by the text-to-image captions
 COLOURS = {"orange": (250, 140, 20), "purple": (120, 40, 150), "pink": (250, 150, 190), "brown": (120, 70, 30),
            "grey": (128, 128, 128), "black": (20, 20, 20), "navy": (20, 30, 90)}  # instance detail
@@ -127,12 +127,13 @@ def _shape_mask(cls: str, cx: float, cy: float, r: float, size: int) -> Image.Im
     return mask
 
 
-def _pattern(inst: Instance, r: float, size: int) -> Image.Image:
-    """The instance's fill: its pattern in its two colours, at its scale and angle."""
+def _pattern(inst: Instance, size: int) -> Image.Image:
+    """The instance's fill: its pattern in its two colours, at its scale and angle (the same
+    whatever the object's size, as a real object's texture)."""
     big = int(size * 1.5)
     im = Image.new("RGB", (big, big), COLOURS[inst.colour1])
     d = ImageDraw.Draw(im)
-    p = max(4.0, inst.period * 2 * r)
+    p = max(4.0, inst.period * 0.5 * size)
     c2 = COLOURS[inst.colour2]
     n = int(big / p) + 2
     for i in range(n):
@@ -149,28 +150,27 @@ def _pattern(inst: Instance, r: float, size: int) -> Image.Image:
     return im.crop((o, o, o + size, o + size))
 
 
-def render(inst: Instance, background: str, position: str, rng: random.Random | None = None, size: int = SIZE) -> Image.Image:
-    """One picture: the instance on a background at a position; small unnamed jitter from rng."""
+def render(inst: Instance, background: str, obj_size: str, rng: random.Random | None = None, size: int = SIZE) -> Image.Image:
+    """One picture: the instance, small or large, on a background; where it sits (never named)
+    and the exact size come from rng."""
     s = 4 * size  # drawn at 4x, then downsampled (anti-aliasing)
     rng = rng or random.Random(0)
-    r = s * rng.uniform(0.19, 0.23)
-    cx = s * POSITIONS[position] + rng.uniform(-0.03, 0.03) * s
-    cy = s * 0.5 + rng.uniform(-0.12, 0.12) * s
+    r = s * rng.uniform(*SIZES[obj_size])
+    cx, cy = (rng.uniform(r + 0.04 * s, s - r - 0.04 * s) for _ in range(2))
     im = Image.new("RGB", (s, s), BACKGROUNDS[background])
-    im.paste(_pattern(inst, r, s), (0, 0), _shape_mask(inst.cls, cx, cy, r, s))
+    im.paste(_pattern(inst, s), (0, 0), _shape_mask(inst.cls, cx, cy, r, s))
     return im.resize((size, size), Image.LANCZOS)
 
 
 TEMPLATES = data_lib.PROMPT_TEMPLATES  # the same prefixes DATE's prompts use ("a photo of {}", ...)
 
 
-def t2i_caption(cls: str, background: str | None, position: str | None, template: str = "a photo of {}") -> str:
-    """A text-to-image caption: class and context, never the instance's details."""
-    text = template.format(f"a {cls}")
+def t2i_caption(cls: str, background: str | None, obj_size: str | None, template: str = "a photo of {}") -> str:
+    """A text-to-image caption: class and context, never the instance's details.
+    ("a photo of a small star on a red background"; either context may be left out.)"""
+    text = template.format(f"a {obj_size} {cls}" if obj_size else f"a {cls}")
     if background is not None:
         text += f" on a {background} background"
-    if position is not None:
-        text += f", {position}"
     return text
 
 
@@ -180,7 +180,7 @@ def t2i_caption(cls: str, background: str | None, position: str | None, template
 
 def sample_scene(rng: random.Random, instances: list[Instance]):
     inst = rng.choice(instances)
-    return inst, rng.choice(sorted(BACKGROUNDS)), rng.choice(list(POSITIONS))
+    return inst, rng.choice(sorted(BACKGROUNDS)), rng.choice(list(SIZES))
 
 
 def stage_world(out: str, n_train: int, seed: int):
@@ -191,18 +191,23 @@ def stage_world(out: str, n_train: int, seed: int):
     images, scenes = torch.empty((n_train, 3, SIZE, SIZE), dtype=torch.uint8), []
     os.makedirs(os.path.join(out, "train"), exist_ok=True)
     for i in tqdm(range(n_train), desc="world", dynamic_ncols=True):
-        inst, bg, pos = sample_scene(rng, insts)
-        im = render(inst, bg, pos, rng)
-        images[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(SIZE, SIZE, 3).permute(2, 0, 1)
-        scenes.append({"instance": insts.index(inst), "background": bg, "position": pos})
+        inst, bg, obj_size = sample_scene(rng, insts)
+        im = render(inst, bg, obj_size, rng)
+        images[i] = _u8(im)
+        scenes.append({"instance": insts.index(inst), "background": bg, "size": obj_size})
         if i < 4000:  # DATE pre-training reads a plain image folder, as it would read ImageNet
             im.save(os.path.join(out, "train", f"{i:05d}.png"))
     cdir = os.path.join(out, "concepts")
     os.makedirs(cdir, exist_ok=True)
     for k, inst in enumerate(eval_instances(12)):
-        # The one photo of each concept: white background, in the middle (no context to copy).
-        render(inst, "white", "in the middle", random.Random(k)).save(os.path.join(cdir, f"{inst.cls}_{k:02d}.png"))
+        # The one photo of each concept: large, on white (no coloured background to copy).
+        render(inst, "white", "large", random.Random(k)).save(os.path.join(cdir, f"{inst.cls}_{k:02d}.png"))
     model.atomic_save({"images": images, "scenes": scenes}, os.path.join(out, "world.pt"))
+
+
+def _u8(im: Image.Image) -> torch.Tensor:
+    """PIL RGB -> uint8 (3, H, W)."""
+    return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.size[1], im.size[0], 3).permute(2, 0, 1)
 
 
 def load_world(out: str):
@@ -300,10 +305,10 @@ CLIP_CONFIGS = {
 }
 
 
-def clip_caption(inst: Instance, bg: str, pos: str, rng: random.Random) -> str:
-    """A CLIP caption: the class always; the details, background and position each most of the time."""
+def clip_caption(inst: Instance, bg: str, obj_size: str, rng: random.Random) -> str:
+    """A CLIP caption: the class always; the details, background and size each most of the time."""
     what = inst.details() if rng.random() < 0.7 else inst.cls
-    return t2i_caption(what, bg if rng.random() < 0.8 else None, pos if rng.random() < 0.8 else None,
+    return t2i_caption(what, bg if rng.random() < 0.8 else None, obj_size if rng.random() < 0.8 else None,
                        rng.choice(TEMPLATES))
 
 
@@ -326,9 +331,10 @@ def stage_clip(name: str, out: str, steps: int, batch: int, seed: int):
     def step_fn(step):
         rng = random.Random(seed * 100_003 + step)
         idx = [rng.randrange(len(images)) for _ in range(batch)]
-        texts = [clip_caption(insts[scenes[i]["instance"]], scenes[i]["background"], scenes[i]["position"], rng)
+        texts = [clip_caption(insts[scenes[i]["instance"]], scenes[i]["background"], scenes[i]["size"], rng)
                  for i in idx]
-        img = F.normalize(clip.encode_image(clip_images(images[idx])), dim=-1)
+        pixels = images[idx]
+        img = F.normalize(clip.encode_image(clip_images(pixels)), dim=-1)
         txt = F.normalize(clip.encode_text(tokenizer(texts)), dim=-1)
         logits = clip.logit_scale.exp() * img @ txt.T
         # Identical captions in a batch are not negatives of each other.
@@ -401,7 +407,7 @@ def stage_t2i(out: str, steps: int, batch: int, seed: int):
                 captions.append("")  # unconditional, for classifier-free guidance
             else:  # context named most of the time; every DATE prompt template as a prefix
                 captions.append(t2i_caption(insts[s["instance"]].cls, s["background"] if rng.random() < 0.85 else None,
-                                            s["position"] if rng.random() < 0.85 else None, rng.choice(TEMPLATES)))
+                                            s["size"] if rng.random() < 0.85 else None, rng.choice(TEMPLATES)))
         ids = tokenizer(captions, padding="max_length", max_length=model.MAX_TOKENS, truncation=True,
                         return_tensors="pt").input_ids
         z_t, t, _, target = model.noisy_latents(scheduler, z0, g)
@@ -449,13 +455,14 @@ def competence(out: str, n_prompts: int = 60, steps: int = 25, seed: int = 0, de
 
     # 1) Prompt following: generate from a prompt naming a class and a context, then let the
     #    metric CLIP pick the context among the captions that differ in that factor alone.
-    correct = {"background": [], "position": []}
+    correct = {"background": [], "size": []}
     for k in tqdm(range(n_prompts), desc="competence", dynamic_ncols=True):
-        cls, bg, pos = rng.choice(CLASSES), rng.choice(sorted(BACKGROUNDS)), rng.choice(list(POSITIONS))
-        img = sample.generate(pipe, comps, None, t2i_caption(cls, bg, pos), num_images=1, steps=steps, seed=seed + k)[0]
+        cls, bg, obj_size = rng.choice(CLASSES), rng.choice(sorted(BACKGROUNDS)), rng.choice(list(SIZES))
+        img = sample.generate(pipe, comps, None, t2i_caption(cls, bg, obj_size), num_images=1, steps=steps,
+                              seed=seed + k)[0]
         feats = metric.image_features([img])
-        for factor, options, truth in (("background", sorted(BACKGROUNDS), bg), ("position", list(POSITIONS), pos)):
-            texts = [t2i_caption(cls, o, pos) if factor == "background" else t2i_caption(cls, bg, o) for o in options]
+        for factor, options, truth in (("background", sorted(BACKGROUNDS), bg), ("size", list(SIZES), obj_size)):
+            texts = [t2i_caption(cls, o, obj_size) if factor == "background" else t2i_caption(cls, bg, o) for o in options]
             pick = options[int((feats @ metric.text_features(texts).T).argmax())]
             correct[factor].append(float(pick == truth))
 
@@ -464,10 +471,10 @@ def competence(out: str, n_prompts: int = 60, steps: int = 25, seed: int = 0, de
     same, other = [], []
     for k, inst in enumerate(insts):
         r = random.Random(k)
-        a = render(inst, r.choice(sorted(BACKGROUNDS)), r.choice(list(POSITIONS)), r)
-        b = render(inst, r.choice(sorted(BACKGROUNDS)), r.choice(list(POSITIONS)), r)
+        a = render(inst, r.choice(sorted(BACKGROUNDS)), r.choice(list(SIZES)), r)
+        b = render(inst, r.choice(sorted(BACKGROUNDS)), r.choice(list(SIZES)), r)
         twin = next(j for j in insts[k + 1:] + insts[:k] if j.cls == inst.cls)
-        c = render(twin, r.choice(sorted(BACKGROUNDS)), r.choice(list(POSITIONS)), r)
+        c = render(twin, r.choice(sorted(BACKGROUNDS)), r.choice(list(SIZES)), r)
         same.append(metric.identity(a, [b]))
         other.append(metric.identity(a, [c]))
     margins = [s - o for s, o in zip(same, other)]
@@ -488,9 +495,9 @@ class Config:
     out: str = "runs/toyworld"  # where the world and its models go
     stage: str = "all"  # one of world, vae, clip-h, clip-b, t2i, competence; or all (finished stages are skipped)
     n_train: int = 20_000  # rendered training pictures (the first 4,000 are also written as PNGs for DATE)
-    vae_steps: int = 800  # VAE training steps
+    vae_steps: int = 600  # VAE training steps
     clip_steps: int = 1_000  # steps for each CLIP
-    t2i_steps: int = 6_000  # text encoder + UNet steps
+    t2i_steps: int = 5_000  # text encoder + UNet steps
     batch_size: int = 32  # training batch of the VAE and the text-to-image model
     clip_batch_size: int = 64  # training batch of the CLIPs (contrastive: more negatives)
     competence_prompts: int = 60  # generated images for the prompt-following measurement
@@ -500,7 +507,7 @@ class Config:
 
 def done(out: str, stage: str) -> bool:
     return {"world": os.path.isfile(os.path.join(out, "world.pt")),
-            "vae": os.path.isfile(os.path.join(out, "sd", "vae", "config.json")),
+            "vae": os.path.isfile(os.path.join(out, "sd", "vae", "diffusion_pytorch_model.safetensors")),
             "clip-h": os.path.isfile(os.path.join(out, "clip-h", "open_clip_model.safetensors")),
             "clip-b": os.path.isfile(os.path.join(out, "clip-b", "open_clip_model.safetensors")),
             "t2i": os.path.isfile(os.path.join(out, "sd", "model_index.json")),

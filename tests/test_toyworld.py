@@ -43,15 +43,18 @@ def test_every_stage_runs_and_a_rerun_reuses_them(toy):
 
 def test_captions_name_class_and_context_but_never_the_instance(toy):
     inst = toyworld.make_instance(7)
-    cap = toyworld.t2i_caption(inst.cls, "blue", "on the left")
-    assert cap == f"a photo of a {inst.cls} on a blue background, on the left"
+    cap = toyworld.t2i_caption(inst.cls, "blue", "small")
+    assert cap == f"a photo of a small {inst.cls} on a blue background"
     assert inst.pattern not in cap and inst.colour1 not in cap and inst.colour2 not in cap
     assert inst.pattern in inst.details() and inst.colour1 in inst.details()
-    a = toyworld.render(inst, "red", "on the right", random.Random(1))
-    assert a.size == (32, 32) and a.tobytes() == toyworld.render(inst, "red", "on the right", random.Random(1)).tobytes()
-    # The background is the named colour; the object sits on the named side.
-    px = a.load()
-    assert px[1, 1] == toyworld.BACKGROUNDS["red"] and px[30, 30] == toyworld.BACKGROUNDS["red"]
+    a = toyworld.render(inst, "red", "large", random.Random(1))
+    assert a.size == (32, 32) and a.tobytes() == toyworld.render(inst, "red", "large", random.Random(1)).tobytes()
+    # The background is the named colour; a large object covers several times the area of a small one.
+    bg = toyworld.BACKGROUNDS["red"]
+    covered = lambda im: sum(px != bg for px in im.getdata())  # noqa: E731
+    small = toyworld.render(inst, "red", "small", random.Random(1))
+    assert max(set(small.getdata()), key=list(small.getdata()).count) == bg  # most pixels are the background
+    assert covered(a) > 2 * covered(small) > 0  # radius ~0.27 vs ~0.145 of the picture (edges blur it)
 
 
 def test_evaluation_concepts_are_instances_no_training_stage_saw():
@@ -86,7 +89,7 @@ def test_toy_concept_round_trips_through_tune_and_sample(toy, tmp_path):
                      "--batch-size", "2", "--out", str(concept)] + weights) == 0
     c = model.load_concept(str(concept))
     assert c["preset"] == "toy" and c["base"] == os.path.join(out, "sd") and len(c["lora_A"]) == 24
-    assert sample.cli(["--concept", str(concept), "--prompt", "a photo of S* on a red background, on the left",
+    assert sample.cli(["--concept", str(concept), "--prompt", "a photo of a small S* on a red background",
                        "--num-images", "1", "--steps", "2", "--out", str(tmp_path / "s")] + weights) == 0
     assert len(os.listdir(tmp_path / "s")) == 2  # the image and the grid
 
@@ -94,7 +97,7 @@ def test_toy_concept_round_trips_through_tune_and_sample(toy, tmp_path):
 def test_competence_is_measured_by_the_code_the_readme_reports(toy):
     out, cfg, _ = toy
     rep = json.load(open(os.path.join(out, "competence.json")))
-    assert set(rep["prompt_following"]) == {"background", "position"}
+    assert set(rep["prompt_following"]) == {"background", "size"}
     for f in rep["prompt_following"].values():
         assert f["n"] == cfg.competence_prompts and 0 <= f["mean"] <= 1
     ident = rep["identity"]
