@@ -393,7 +393,7 @@ def markdown_table(summary: dict, n_concepts: int, n_prompts: int, num_images: i
     return "\n".join(lines) + "\n"
 
 
-def make_concept(cfg: Config, variant: str, comps, encoders: dict, image, image_path: str, noun: str) -> dict:
+def tune_variant(cfg: Config, variant: str, comps, encoders: dict, image, image_path: str, noun: str) -> dict:
     """Tune one concept of one variant, through the same functions tune.py runs."""
     if variant in BASELINES:
         st = variant_settings(cfg, variant)
@@ -437,7 +437,7 @@ def run_variants(cfg: Config, variants, files, prompts, nouns, images, comps, en
                 reused["concepts"] += 1
             else:
                 bar.set_description(f"tuning {variant}/{stem}")
-                concept = make_concept(cfg, variant, comps, encoders, images[f], os.path.join(cfg.images, f), nouns[f])
+                concept = tune_variant(cfg, variant, comps, encoders, images[f], os.path.join(cfg.images, f), nouns[f])
                 model.atomic_save(concept, cpath)
             bar.set_description(f"sampling {variant}/{stem}")
             per_prompt = {}

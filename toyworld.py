@@ -433,13 +433,6 @@ def stage_t2i(out: str, steps: int, batch: int, seed: int):
 # Stage "competence": does the base model follow prompts; can the metric tell instances apart?
 
 
-def mean_se(values: list[float]) -> dict:
-    n = len(values)
-    m = sum(values) / n
-    se = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n) if n > 1 else 0.0
-    return {"mean": m, "se": se, "n": n}
-
-
 def competence(out: str, n_prompts: int = 60, steps: int = 25, seed: int = 0, device="cpu") -> dict:
     """Prompt following of the toy text-to-image model and instance separation of the metric
     CLIP, measured with the code the evaluation uses (sample.generate, evaluate.ClipMetric)."""
@@ -478,6 +471,7 @@ def competence(out: str, n_prompts: int = 60, steps: int = 25, seed: int = 0, de
         same.append(metric.identity(a, [b]))
         other.append(metric.identity(a, [c]))
     margins = [s - o for s, o in zip(same, other)]
+    mean_se = evaluate.mean_se
     return {"prompt_following": {f: mean_se(v) for f, v in correct.items()},
             "identity": {"same_instance": mean_se(same), "other_instance_same_class": mean_se(other),
                          "margin": mean_se(margins)},
