@@ -87,10 +87,10 @@ class Config:
     guidance: float = 7.5  # classifier-free guidance scale
     tune_steps: int = 12  # tuning steps of the DATE variants that tune
     batch_size: int = 16  # tuning batch (augmented views), for every variant and baseline
-    ti_steps: int = 3000  # textual_inversion baseline: steps (diffusers' textual_inversion example)
-    ti_lr: float = 5e-4  # textual_inversion baseline: lr (diffusers' textual_inversion example)
-    lora_steps: int = 2000  # lora baseline: steps (Sec. 5.1 quotes 2,000 for LoRA-PTI)
-    lora_lr: float = 1e-4  # lora baseline: LoRA lr (cloneofsimo/lora PTI default; v uses 5e-4)
+    ti_steps: int = tune.BASELINES["textual_inversion"]["steps"]  # TI baseline steps (diffusers' TI example)
+    ti_lr: float = tune.BASELINES["textual_inversion"]["lr"]  # TI baseline lr (diffusers' TI example)
+    lora_steps: int = tune.BASELINES["lora"]["steps"]  # lora baseline steps (Sec. 5.1: 2,000 for LoRA-PTI)
+    lora_lr: float = tune.BASELINES["lora"]["lr"]  # lora baseline LoRA lr (cloneofsimo/lora PTI; v: 5e-4)
     seed: int = 0  # fixes tuning and sampling
     out: str = "runs/eval"  # output folder (metrics, plot, concepts, images)
     fresh: bool = False  # ignore what an earlier run with the same --out finished

@@ -122,6 +122,7 @@ def build_tokenizer():
 # holds: diffusers' default for a missing key is clip_sample=True, which clamps every latent to
 # [-1, 1] and ruins the images (SD latents are not in [-1, 1]).
 SD15_SAMPLER_SETTINGS = dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1, thresholding=False)
+_DDPM_SETTINGS = {k: v for k, v in SD15_SAMPLER_SETTINGS.items() if k != "set_alpha_to_one"}  # DDPM has no such key
 
 
 def sd15_scheduler_config() -> dict:
@@ -132,7 +133,7 @@ def sd15_scheduler_config() -> dict:
         beta_end=0.012,
         beta_schedule="scaled_linear",
         prediction_type="epsilon",
-        **{k: v for k, v in SD15_SAMPLER_SETTINGS.items() if k != "set_alpha_to_one"},
+        **_DDPM_SETTINGS,
     )
 
 
@@ -142,7 +143,7 @@ def load_noise_scheduler(base: str):
     from diffusers import DDPMScheduler
 
     config = DDPMScheduler.load_config(base, subfolder="scheduler")
-    return DDPMScheduler.from_config(config, **{k: v for k, v in SD15_SAMPLER_SETTINGS.items() if k != "set_alpha_to_one"})
+    return DDPMScheduler.from_config(config, **_DDPM_SETTINGS)
 
 
 def sampling_scheduler(noise_scheduler):

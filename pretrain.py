@@ -247,7 +247,7 @@ def _reconstruction_grid(cfg, comps, concepts, val, path: str):
     for i, (v, lora) in enumerate(concepts):
         g = torch.Generator(device).manual_seed(i)
         z0 = val["centre"][i:i + 1]
-        z_t, _, eps, _ = model.noisy_latents(comps.noise_scheduler, z0, g, t=t)
+        z_t, _, _, _ = model.noisy_latents(comps.noise_scheduler, z0, g, t=t)
         pred = model.dual_path_prediction(comps, z_t, t, ["a photo of S*"], v, lora, cfg.alpha_blend).float()
         a = comps.noise_scheduler.alphas_cumprod.to(device)[500]
         x0 = (z_t - (1 - a).sqrt() * pred) / a.sqrt()  # DDPM: z_t = sqrt(a) z0 + sqrt(1 - a) eps
@@ -259,8 +259,7 @@ def _reconstruction_grid(cfg, comps, concepts, val, path: str):
     for i in range(len(concepts)):
         grid.paste(Image.fromarray(tiles[2 * i]), (i * r, 0))
         grid.paste(Image.fromarray(tiles[2 * i + 1]), (i * r, r))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    model.atomic_write(path, grid.save)
+    model.atomic_write(path, grid.save)  # (creates OUT/val/)
 
 
 def load_validation_set(cfg: Config, comps) -> dict:
@@ -284,7 +283,7 @@ def load_validation_set(cfg: Config, comps) -> dict:
         centre.append(model.vae_latents(comps.vae, vae_view[None].to(device), g).float())
         latents.append(model.vae_latents(comps.vae, views.to(device), g).float())
         clip.append(clip_view)
-    return {"centre": torch.cat(centre), "clip": torch.stack(clip).to(device), "latents": latents, "files": files}
+    return {"centre": torch.cat(centre), "clip": torch.stack(clip).to(device), "latents": latents}
 
 
 def make_checkpoint(cfg, comps, encoder, opt, sched, step: int) -> dict:

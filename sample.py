@@ -104,6 +104,25 @@ def generate(pipe, comps, concept: dict | None, prompt: str, negative_prompt: st
     return pipe(prompt_embeds=C.to(dtype), negative_prompt_embeds=neg.to(dtype), cross_attention_kwargs=kw, **common).images
 
 
+def generate_in_batches(pipe, comps, concept, prompt: str, args: dict, num_images: int, batch: int, seed: int, device,
+                        on_batch=None):
+    """generate() in batches of `batch`; image i always uses seed + i. on_batch(first index,
+    images) runs after each batch (sample.py writes the PNGs there). Returns (images, seconds
+    spent generating, the device synchronised around each call)."""
+    images, seconds = [], 0.0
+    for first in range(0, num_images, batch):
+        n = min(batch, num_images - first)
+        model.sync(device)
+        t0 = time.perf_counter()
+        done = generate(pipe, comps, concept, prompt, **args, num_images=n, seed=seed + first)
+        model.sync(device)
+        seconds += time.perf_counter() - t0
+        if on_batch is not None:
+            on_batch(first, done)
+        images += done
+    return images, seconds
+
+
 def slug(text: str, n: int = 60) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower().replace("*", "x")).strip("-")[:n] or "prompt"
 
@@ -191,19 +210,14 @@ def main(cfg: Config):
     # 3) Generate in batches; each PNG is written (atomically) as soon as its batch is done, so
     #    Ctrl-C keeps what was finished. Image i always uses seed + i, whatever the batch size.
     stem = f"{slug(cfg.prompt)}_s{cfg.seed}"
-    images, seconds = [], 0.0
+
+    def save(first, done):
+        for i, im in enumerate(done):
+            save_png(im, os.path.join(cfg.out, f"{stem}_{first + i:02d}.png"))
+
     with tqdm(total=cfg.num_images, desc="images", dynamic_ncols=True, disable=cfg.num_images < 2) as bar:
-        for first in range(0, cfg.num_images, batch):
-            n = min(batch, cfg.num_images - first)
-            model.sync(device)
-            t0 = time.perf_counter()
-            done = generate(pipe, comps, concept, cfg.prompt, **args, num_images=n, seed=cfg.seed + first)
-            model.sync(device)
-            seconds += time.perf_counter() - t0
-            for i, im in enumerate(done):
-                save_png(im, os.path.join(cfg.out, f"{stem}_{first + i:02d}.png"))
-            images += done
-            bar.update(n)
+        images, seconds = generate_in_batches(pipe, comps, concept, cfg.prompt, args, cfg.num_images, batch, cfg.seed,
+                                              device, on_batch=lambda first, done: (save(first, done), bar.update(len(done))))
     s_per_image = seconds / cfg.num_images
     save_png(grid(images), os.path.join(cfg.out, f"{stem}_grid.png"))
     print(f"wrote {len(images)} images and {stem}_grid.png to {cfg.out}/ ({s_per_image:.3f} s/image, "
@@ -214,14 +228,7 @@ def main(cfg: Config):
         plain_prompt = cfg.prompt.replace(concept["placeholder"], concept["token"]) if concept else cfg.prompt
         if cfg.compile:
             generate(pipe, comps, None, plain_prompt, **{**args, "steps": 3}, num_images=batch, seed=cfg.seed)
-        plain = 0.0
-        for first in range(0, cfg.num_images, batch):
-            n = min(batch, cfg.num_images - first)
-            model.sync(device)
-            t1 = time.perf_counter()
-            generate(pipe, comps, None, plain_prompt, **args, num_images=n, seed=cfg.seed + first)
-            model.sync(device)
-            plain += time.perf_counter() - t1
+        _, plain = generate_in_batches(pipe, comps, None, plain_prompt, args, cfg.num_images, batch, cfg.seed, device)
         plain /= cfg.num_images
         print(json.dumps({"what": "sample", "preset": preset, "device": model.device_name(device),
                           "num_images": cfg.num_images, "batch_size": batch, "steps": cfg.steps, "compile": cfg.compile,
