@@ -246,11 +246,12 @@ def plant(tree: str, bug) -> None:
         f.write(_replace_once(text, old, new))
 
 
-def copy_tree(dst: str) -> None:
+def copy_tree(dst: str, root: str = ROOT) -> None:
+    """The repository's files (tracked, or new and not ignored) from `root` into dst."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split("\n")
     for rel in filter(None, files):
-        src = os.path.join(ROOT, rel)
+        src = os.path.join(root, rel)
         if not os.path.isfile(src):
             continue
         os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
@@ -291,7 +292,10 @@ def run_suite(tree: str, source: str, timeout: int) -> tuple[str, float]:
     if out.returncode == 0:
         return "", seconds
     m = re.search(r"^(?:FAILED|ERROR) (\S+)", out.stdout, re.M)
-    return (m.group(1) if m else f"(pytest exit {out.returncode})"), seconds
+    if out.returncode != 1 or not m:  # not a failing test: the harness itself is broken
+        raise SystemExit(f"plant_bugs.py: pytest exited {out.returncode} without a failing test:\n{out.stdout[-2000:]}"
+                         f"{out.stderr[-2000:]}")
+    return m.group(1), seconds
 
 
 def main(argv=None) -> int:
@@ -313,16 +317,26 @@ def main(argv=None) -> int:
         for b in bugs:
             print(f"{b[0]:34s} {b[1]:12s} {b[4]}")
         return 0
+    # One snapshot of the tree at the start, so that editing the code during a long run changes nothing.
+    snapshot = tempfile.mkdtemp(prefix="plant_snapshot_")
+    copy_tree(snapshot)
+    with tempfile.TemporaryDirectory(prefix="plant_") as tree:  # the unplanted suite must pass first
+        copy_tree(tree, snapshot)
+        failed, seconds = run_suite(tree, "", a.timeout)
+    if failed:
+        raise SystemExit(f"plant_bugs.py: the suite fails without any planted bug ({failed})")
+    print(f"unplanted suite: passed in {seconds:.0f} s", flush=True)
     results = []
     for bug in bugs:
         with tempfile.TemporaryDirectory(prefix="plant_") as tree:
-            copy_tree(tree)
+            copy_tree(tree, snapshot)
             plant(tree, bug)
             source = bug[1] if bug[2] is not None else SPECIAL_EDITS[bug[0]][0]
             caught_by, seconds = run_suite(tree, source, a.timeout)
         results.append({"id": bug[0], "file": source, "bug": bug[4],
                         "caught_by": caught_by, "seconds": round(seconds, 1)})
         print(f"{bug[0]:34s} {'CAUGHT by ' + caught_by if caught_by else 'SURVIVED'}  ({seconds:.0f} s)", flush=True)
+    shutil.rmtree(snapshot, ignore_errors=True)
     caught = sum(1 for r in results if r["caught_by"])
     print(f"\n{caught}/{len(results)} planted bugs caught")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
