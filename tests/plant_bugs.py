@@ -258,6 +258,8 @@ def copy_tree(dst: str, root: str = ROOT) -> None:
         shutil.copy2(src, os.path.join(dst, rel))
 
 
+LAST_OUTPUT = ""
+
 # The test files to run first for a bug in each source file (only to stop sooner: every
 # file runs when none of these catches the bug).
 FIRST = {
@@ -280,7 +282,8 @@ def test_files(tree: str, source: str) -> list[str]:
 
 
 def run_suite(tree: str, source: str, timeout: int) -> tuple[str, float]:
-    """(first failing test or "", seconds)."""
+    """(first failing test or "", seconds). A failure's output is kept in LAST_OUTPUT."""
+    global LAST_OUTPUT
     t0 = time.time()
     try:
         out = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
@@ -289,6 +292,7 @@ def run_suite(tree: str, source: str, timeout: int) -> tuple[str, float]:
     except subprocess.TimeoutExpired:
         return "(timed out)", time.time() - t0
     seconds = time.time() - t0
+    LAST_OUTPUT = out.stdout[-3000:]
     if out.returncode == 0:
         return "", seconds
     m = re.search(r"^(?:FAILED|ERROR) (\S+)", out.stdout, re.M)
@@ -324,7 +328,7 @@ def main(argv=None) -> int:
         copy_tree(tree, snapshot)
         failed, seconds = run_suite(tree, "", a.timeout)
     if failed:
-        raise SystemExit(f"plant_bugs.py: the suite fails without any planted bug ({failed})")
+        raise SystemExit(f"plant_bugs.py: the suite fails without any planted bug ({failed}):\n{LAST_OUTPUT}")
     print(f"unplanted suite: passed in {seconds:.0f} s", flush=True)
     results = []
     for bug in bugs:

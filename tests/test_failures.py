@@ -161,8 +161,9 @@ def test_ctrl_c_in_sample_exits_130_and_keeps_the_finished_images(tmp_path):
     out = tmp_path / "s"
     cmd = [os.path.join(ROOT, "sample.py"), "--concept", "none", "--prompt", "a photo of a dog", "--num-images", "500",
            "--batch-size", "1", "--steps", "5", "--out", str(out)] + TINY
-    rc, err = _interrupt_when(cmd, lambda: out.is_dir() and len([f for f in os.listdir(out) if f.endswith(".png")]) >= 2,
-                              tmp_path)
+    # Ready when two PNGs are *finished* (a name like x.tmp123.png is one being written).
+    rc, err = _interrupt_when(cmd, lambda: out.is_dir() and sum(bool(re.fullmatch(r".*_\d\d+\.png", f))
+                                                                for f in os.listdir(out)) >= 2, tmp_path)
     assert rc == 130 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("sample.py: interrupted")
     kept = [f for f in os.listdir(out)]
     assert len(kept) >= 2 and all(re.fullmatch(r".*_\d\d+\.png", f) for f in kept)  # finished PNGs, no temp files
