@@ -29,7 +29,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFile, ImageOps
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from model import CLIP_MEAN, CLIP_STD, PLACEHOLDER, atomic_write
+from cmdline import atomic_write
+from model import CLIP_MEAN, CLIP_STD, PLACEHOLDER
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SYNTHETIC = "synthetic"

@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import cmdline
 import data as data_lib
 import model
 import sample
@@ -100,11 +101,11 @@ class Config:
     eval_clip: str = "openai"  # metric CLIP: sd15: ViT-B-16 tag or a file of the OpenAI weights; toy: default runs/toyworld/clip-b
 
 
-UserError = model.UserError  # bad input: one line on stderr, exit code 2
+UserError = cmdline.UserError  # bad input: one line on stderr, exit code 2
 
 
 def parse_args(argv=None) -> Config:
-    p = model.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=("images",),
+    p = cmdline.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=("images",),
                             choices={"preset": model.PRESETS})
     return Config(**vars(p.parse_args(argv)))
 
@@ -299,7 +300,7 @@ def check_inputs(cfg: Config):
         raise UserError(f"--tune-steps must be >= 0, got {cfg.tune_steps}")
     if not (cfg.ti_lr > 0 and cfg.lora_lr > 0) or cfg.guidance < 0:
         raise UserError("--ti-lr and --lora-lr must be positive and --guidance >= 0")
-    model.check_output(cfg.out, "folder")
+    cmdline.check_output(cfg.out, "folder")
     if "no_hypernet" in variants and not cfg.no_hypernet_encoder:
         raise UserError("the no_hypernet variant needs an encoder pre-trained without the hypernetwork: "
                         "train one with `python pretrain.py --no-hypernet ...` and pass --no-hypernet-encoder PATH")
@@ -338,7 +339,7 @@ def plot_tradeoff(summary: dict, path: str):
         ax.locator_params(nbins=5)
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    model.atomic_write(path, fig.savefig)
+    cmdline.atomic_write(path, fig.savefig)
     plt.close(fig)
 
 
@@ -368,7 +369,7 @@ def image_grid(results: dict, images: dict, files: list[str], prompts: list[str]
                 with Image.open(os.path.join(out, cells[prompt]["images"][0])) as im:
                     grid.paste(im.convert("RGB").resize((tile, tile), Image.NEAREST), (label_w + tile * (1 + j), y))
             row += 1
-    model.atomic_write(path, grid.save)
+    cmdline.atomic_write(path, grid.save)
 
 
 def write_text(path: str, text: str):
@@ -376,7 +377,7 @@ def write_text(path: str, text: str):
         with open(tmp, "w") as f:
             f.write(text)
 
-    model.atomic_write(path, write)
+    cmdline.atomic_write(path, write)
 
 
 def markdown_table(summary: dict, n_concepts: int, n_prompts: int, num_images: int, prompts=()) -> str:
@@ -438,7 +439,7 @@ def run_variants(cfg: Config, variants, files, prompts, nouns, images, comps, en
             else:
                 bar.set_description(f"tuning {variant}/{stem}")
                 concept = tune_variant(cfg, variant, comps, encoders, images[f], os.path.join(cfg.images, f), nouns[f])
-                model.atomic_save(concept, cpath)
+                cmdline.atomic_save(concept, cpath)
             bar.set_description(f"sampling {variant}/{stem}")
             per_prompt = {}
             for j, prompt in enumerate(prompts):
@@ -480,7 +481,7 @@ def main(cfg: Config):
                                                          clip=cfg.clip), prog="evaluate.py")
 
     # 2) Models: frozen parts set up exactly as tune.py sets them up, encoders, pipeline, metric CLIP.
-    device = model.resolve_device(cfg.device)
+    device = cmdline.resolve_device(cfg.device)
     comps, names = tune.load_models(preset, device, cfg.base, cfg.clip)
     encoders = load_encoders(cfg, variants, comps, names, device)
     pipe = sample.build_pipeline(comps)
@@ -522,7 +523,7 @@ def main(cfg: Config):
 
 
 def cli(argv=None) -> int:
-    return model.run_cli("evaluate.py", main, parse_args, argv)
+    return cmdline.run_cli("evaluate.py", main, parse_args, argv)
 
 
 if __name__ == "__main__":

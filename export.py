@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+import cmdline
 import model
 
 FORMATS = ("diffusers", "kohya")
@@ -43,11 +44,11 @@ class Config:
     force: bool = False  # write into a non-empty OUT (replacing our files there)
 
 
-UserError = model.UserError
+UserError = cmdline.UserError
 
 
 def parse_args(argv=None) -> Config:
-    p = model.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=("concept", "out"))
+    p = cmdline.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=("concept", "out"))
     return Config(**vars(p.parse_args(argv)))
 
 
@@ -179,7 +180,7 @@ def main(cfg: Config):
 
 
 def cli(argv=None) -> int:
-    return model.run_cli("export.py", main, parse_args, argv)
+    return cmdline.run_cli("export.py", main, parse_args, argv)
 
 
 if __name__ == "__main__":

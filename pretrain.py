@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import cmdline
 import data as data_lib
 import dualpath
 import losses
@@ -77,7 +78,7 @@ class Config:
 
 
 def parse_args(argv=None) -> Config:
-    p = model.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=(),
+    p = cmdline.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=(),
                             choices={"preset": model.PRESETS, "embedding_reg": EMBEDDING_REGS})
     return Config(**vars(p.parse_args(argv)))
 
@@ -85,26 +86,26 @@ def parse_args(argv=None) -> Config:
 def check_config(cfg: Config):
     """Reject bad flags before anything heavy (one line on stderr, exit code 2)."""
     if cfg.data is None and cfg.openimages is None:
-        raise model.UserError("give --data DIR, --data synthetic, or --openimages DIR")
+        raise cmdline.UserError("give --data DIR, --data synthetic, or --openimages DIR")
     for flag, val in (("--steps", cfg.steps), ("--batch-size", cfg.batch_size), ("--save-every", cfg.save_every),
                       ("--log-every", cfg.log_every)):
         if val <= 0:
-            raise model.UserError(f"{flag} must be positive, got {val}")
+            raise cmdline.UserError(f"{flag} must be positive, got {val}")
     if cfg.embedding_reg not in EMBEDDING_REGS:
-        raise model.UserError(f"--embedding-reg must be one of {', '.join(EMBEDDING_REGS)}, got {cfg.embedding_reg!r}")
+        raise cmdline.UserError(f"--embedding-reg must be one of {', '.join(EMBEDDING_REGS)}, got {cfg.embedding_reg!r}")
     if cfg.data not in (None, data_lib.SYNTHETIC) and not os.path.isdir(cfg.data):
-        raise model.UserError(f"--data: no such folder: {cfg.data}")
+        raise cmdline.UserError(f"--data: no such folder: {cfg.data}")
     if cfg.openimages is not None and not os.path.isdir(cfg.openimages):
-        raise model.UserError(f"--openimages: no such folder: {cfg.openimages}")
+        raise cmdline.UserError(f"--openimages: no such folder: {cfg.openimages}")
     if cfg.val_images is not None and not os.path.isdir(cfg.val_images):
-        raise model.UserError(f"--val-images: no such folder: {cfg.val_images}")
+        raise cmdline.UserError(f"--val-images: no such folder: {cfg.val_images}")
     if cfg.val_every <= 0 or cfg.val_views <= 0:
-        raise model.UserError("--val-every and --val-views must be positive")
+        raise cmdline.UserError("--val-every and --val-views must be positive")
     if not cfg.lr > 0 or cfg.grad_clip <= 0 or cfg.warmup_steps < 0:
-        raise model.UserError("--lr and --grad-clip must be positive and --warmup-steps >= 0")
-    model.check_output(cfg.out, "folder")
+        raise cmdline.UserError("--lr and --grad-clip must be positive and --warmup-steps >= 0")
+    cmdline.check_output(cfg.out, "folder")
     if cfg.resume not in (None, "auto") and not os.path.isfile(cfg.resume):
-        raise model.UserError(f"--resume: no such checkpoint: {cfg.resume}")
+        raise cmdline.UserError(f"--resume: no such checkpoint: {cfg.resume}")
 
 
 def lr_lambda(cfg: Config):
@@ -259,7 +260,7 @@ def _reconstruction_grid(cfg, comps, concepts, val, path: str):
     for i in range(len(concepts)):
         grid.paste(Image.fromarray(tiles[2 * i]), (i * r, 0))
         grid.paste(Image.fromarray(tiles[2 * i + 1]), (i * r, r))
-    model.atomic_write(path, grid.save)  # (creates OUT/val/)
+    cmdline.atomic_write(path, grid.save)  # (creates OUT/val/)
 
 
 def load_validation_set(cfg: Config, comps) -> dict:
@@ -267,7 +268,7 @@ def load_validation_set(cfg: Config, comps) -> dict:
     image in --val-images (computed once)."""
     files = sorted(f for f in os.listdir(cfg.val_images) if os.path.splitext(f)[1].lower() in data_lib.IMAGE_EXTS)
     if len(files) < 2:
-        raise model.UserError(f"--val-images: need at least 2 images in {cfg.val_images}")
+        raise cmdline.UserError(f"--val-images: need at least 2 images in {cfg.val_images}")
     device = comps.token_table.device
     res, clip_size = comps.cfg.resolution, comps.cfg.clip_size
     centre, clip, latents = [], [], []
@@ -275,7 +276,7 @@ def load_validation_set(cfg: Config, comps) -> dict:
         try:
             im = data_lib.load_image(os.path.join(cfg.val_images, f))
         except data_lib.BadImage as e:
-            raise model.UserError(f"--val-images: {e}") from None
+            raise cmdline.UserError(f"--val-images: {e}") from None
         vae_view, clip_view = data_lib.make_views(im, res, clip_size, rng=None)
         rng = random.Random(k)
         views = torch.stack([data_lib.make_views(im, res, clip_size, rng)[0] for _ in range(cfg.val_views)])
@@ -341,7 +342,7 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
         try:
             ckpt = model.load_encoder_checkpoint(resume)
         except ValueError as e:
-            raise model.UserError(str(e)) from None
+            raise cmdline.UserError(str(e)) from None
         encoder.load_state_dict(ckpt["encoder"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -359,10 +360,10 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
         dataset = data_lib.ConceptImages(cfg.data, cfg.openimages, comps.cfg.resolution, comps.cfg.clip_size,
                                          augment=True, synthetic_seed=cfg.seed)
     except FileNotFoundError as e:
-        raise model.UserError(str(e)) from None
+        raise cmdline.UserError(str(e)) from None
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     if steps_per_epoch == 0:
-        raise model.UserError(f"{len(dataset)} images are fewer than one global batch ({cfg.batch_size} x {world})")
+        raise cmdline.UserError(f"{len(dataset)} images are fewer than one global batch ({cfg.batch_size} x {world})")
 
     val = load_validation_set(cfg, comps) if (cfg.val_images and master) else None
 
@@ -385,9 +386,9 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
         if not master:
             return
         ckpt = make_checkpoint(cfg, comps, encoder, opt, sched, step)
-        model.atomic_save(ckpt, os.path.join(cfg.out, "encoder.pt"))
+        cmdline.atomic_save(ckpt, os.path.join(cfg.out, "encoder.pt"))
         if periodic:
-            model.atomic_save(ckpt, os.path.join(cfg.out, f"encoder_{step:07d}.pt"))
+            cmdline.atomic_save(ckpt, os.path.join(cfg.out, f"encoder_{step:07d}.pt"))
 
     validated = {"step": None}
 
@@ -436,10 +437,10 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
                     if master:
                         bar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()})
                         bar.write(f"step {step}: loss {terms['loss'].item():.4f}, {ips:.1f} images/s, "
-                                  f"peak {model.peak_memory_gb(device):.2f} GB", file=sys.stderr)
+                                  f"peak {cmdline.peak_memory_gb(device):.2f} GB", file=sys.stderr)
                         rec = {"step": step, **{k: round(v.item(), 6) for k, v in terms.items()},
                                "lr": sched.get_last_lr()[0], "images_per_s": round(ips, 3),
-                               "peak_gb": round(model.peak_memory_gb(device), 3)}
+                               "peak_gb": round(cmdline.peak_memory_gb(device), 3)}
                         with open(log_path, "a") as f:
                             f.write(json.dumps(rec) + "\n")
                 if val is not None and (step % cfg.val_every == 0 or step == last):
@@ -479,9 +480,9 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
             f.write(json.dumps({"event": "done", "step": step, "world_size": world,
                                 "param_checksums": [s.tolist() for s in sums]}) + "\n")
         if cfg.benchmark:
-            print(json.dumps({"what": "pretrain", "preset": cfg.preset, "device": model.device_name(device),
+            print(json.dumps({"what": "pretrain", "preset": cfg.preset, "device": cmdline.device_name(device),
                               "world_size": world, "batch_size": cfg.batch_size, "steps": step,
-                              "images_per_s": round(ips, 3), "peak_gb": round(model.peak_memory_gb(device), 3),
+                              "images_per_s": round(ips, 3), "peak_gb": round(cmdline.peak_memory_gb(device), 3),
                               "encoder_params": model.count_parameters(encoder)}))
     return encoder
 
@@ -491,7 +492,7 @@ def cli(argv=None) -> int:
         check_config(cfg)
         return main(cfg)
 
-    return model.run_cli("pretrain.py", checked_main, parse_args, argv)
+    return cmdline.run_cli("pretrain.py", checked_main, parse_args, argv)
 
 
 if __name__ == "__main__":

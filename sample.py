@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+import cmdline
 import dualpath
 import model
 
@@ -47,11 +48,11 @@ class Config:
     benchmark: bool = False  # also time plain SD in the same run; end with one JSON line
 
 
-UserError = model.UserError  # bad input: one line on stderr, exit code 2
+UserError = cmdline.UserError  # bad input: one line on stderr, exit code 2
 
 
 def parse_args(argv=None) -> Config:
-    p = model.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=("prompt",),
+    p = cmdline.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=("prompt",),
                             choices={"preset": model.PRESETS})
     return Config(**vars(p.parse_args(argv)))
 
@@ -112,10 +113,10 @@ def generate_in_batches(pipe, comps, concept, prompt: str, args: dict, num_image
     images, seconds = [], 0.0
     for first in range(0, num_images, batch):
         n = min(batch, num_images - first)
-        model.sync(device)
+        cmdline.sync(device)
         t0 = time.perf_counter()
         done = generate(pipe, comps, concept, prompt, **args, num_images=n, seed=seed + first)
-        model.sync(device)
+        cmdline.sync(device)
         seconds += time.perf_counter() - t0
         if on_batch is not None:
             on_batch(first, done)
@@ -141,7 +142,7 @@ def grid(images):
 
 
 def save_png(image, path: str):
-    model.atomic_write(path, image.save)
+    cmdline.atomic_write(path, image.save)
 
 
 def check_config(cfg: Config):
@@ -157,7 +158,7 @@ def check_config(cfg: Config):
         raise UserError(f"--batch-size must be positive, got {cfg.batch_size}")
     if cfg.guidance < 0:
         raise UserError(f"--guidance must be >= 0, got {cfg.guidance}")
-    model.check_output(cfg.out, "folder")
+    cmdline.check_output(cfg.out, "folder")
 
 
 def load_concept_checked(cfg: Config):
@@ -187,7 +188,7 @@ def main(cfg: Config):
         model.tokenize_with_placeholder(model.build_tokenizer(), [cfg.prompt], (concept or {}).get("placeholder", model.PLACEHOLDER))
     except model.PromptTooLong as e:
         raise UserError(str(e)) from None
-    device = model.resolve_device(cfg.device)
+    device = cmdline.resolve_device(cfg.device)
     base = cfg.base or (concept or {}).get("base") or None
 
     # 2) Frozen parts (no image tower needed), dual-path processors, the pipeline.
@@ -221,7 +222,7 @@ def main(cfg: Config):
     s_per_image = seconds / cfg.num_images
     save_png(grid(images), os.path.join(cfg.out, f"{stem}_grid.png"))
     print(f"wrote {len(images)} images and {stem}_grid.png to {cfg.out}/ ({s_per_image:.3f} s/image, "
-          f"{model.device_name(device)})", file=sys.stderr)
+          f"{cmdline.device_name(device)})", file=sys.stderr)
 
     if cfg.benchmark:
         # Plain SD, same prompt with the concept's real token, same run, same settings.
@@ -230,15 +231,15 @@ def main(cfg: Config):
             generate(pipe, comps, None, plain_prompt, **{**args, "steps": 3}, num_images=batch, seed=cfg.seed)
         _, plain = generate_in_batches(pipe, comps, None, plain_prompt, args, cfg.num_images, batch, cfg.seed, device)
         plain /= cfg.num_images
-        print(json.dumps({"what": "sample", "preset": preset, "device": model.device_name(device),
+        print(json.dumps({"what": "sample", "preset": preset, "device": cmdline.device_name(device),
                           "num_images": cfg.num_images, "batch_size": batch, "steps": cfg.steps, "compile": cfg.compile,
                           "s_per_image": round(s_per_image, 4), "plain_s_per_image": round(plain, 4),
-                          "ratio": round(s_per_image / plain, 3), "peak_gb": round(model.peak_memory_gb(device), 3)}))
+                          "ratio": round(s_per_image / plain, 3), "peak_gb": round(cmdline.peak_memory_gb(device), 3)}))
     return images
 
 
 def cli(argv=None) -> int:
-    return model.run_cli("sample.py", main, parse_args, argv)
+    return cmdline.run_cli("sample.py", main, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import cmdline
 import data as data_lib
 import model
 
@@ -202,7 +203,7 @@ def stage_world(out: str, n_train: int, seed: int):
     for k, inst in enumerate(eval_instances(12)):
         # The one photo of each concept: large, on white (no coloured background to copy).
         render(inst, "white", "large", random.Random(k)).save(os.path.join(cdir, f"{inst.cls}_{k:02d}.png"))
-    model.atomic_save({"images": images, "scenes": scenes}, os.path.join(out, "world.pt"))
+    cmdline.atomic_save({"images": images, "scenes": scenes}, os.path.join(out, "world.pt"))
 
 
 def _u8(im: Image.Image) -> torch.Tensor:
@@ -251,7 +252,7 @@ def train_loop(name: str, out: str, params, step_fn, steps: int, lr: float, stat
         if step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % ckpt_every == 0 or step == steps:
-            model.atomic_save({"state": {k: m.state_dict() for k, m in state.items()}, "opt": opt.state_dict(),
+            cmdline.atomic_save({"state": {k: m.state_dict() for k, m in state.items()}, "opt": opt.state_dict(),
                                "sched": sched.state_dict(), "step": step}, path)
     bar.close()
 
@@ -386,7 +387,7 @@ def stage_t2i(out: str, steps: int, batch: int, seed: int):
                 d = vae.encode(to_unit(images[i:i + 256])).latent_dist
                 mu.append(d.mean)
                 sd.append(d.std)
-        model.atomic_save({"mean": torch.cat(mu), "std": torch.cat(sd)}, latents_path)
+        cmdline.atomic_save({"mean": torch.cat(mu), "std": torch.cat(sd)}, latents_path)
     lat = torch.load(latents_path, weights_only=True)
     scale = vae.config.scaling_factor
     tokenizer = model.build_tokenizer()
@@ -536,9 +537,9 @@ def main(cfg: Config):
 
 
 def parse_args(argv=None) -> Config:
-    p = model.config_parser(Config, __doc__.split("\n\n")[0].strip(), choices={"stage": STAGES + ("all",)})
+    p = cmdline.config_parser(Config, __doc__.split("\n\n")[0].strip(), choices={"stage": STAGES + ("all",)})
     return Config(**vars(p.parse_args(argv)))
 
 
 if __name__ == "__main__":
-    sys.exit(model.run_cli("toyworld.py", main, parse_args))
+    sys.exit(cmdline.run_cli("toyworld.py", main, parse_args))

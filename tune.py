@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+import cmdline
 import data as data_lib
 import dualpath
 import losses
@@ -55,11 +56,11 @@ class Config:
     benchmark: bool = False  # end with one JSON line of timings and peak memory
 
 
-UserError = model.UserError  # bad input: one line on stderr, exit code 2
+UserError = cmdline.UserError  # bad input: one line on stderr, exit code 2
 
 
 def parse_args(argv=None) -> Config:
-    p = model.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=("image",),
+    p = cmdline.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=("image",),
                             choices={"preset": model.PRESETS})
     return Config(**vars(p.parse_args(argv)))
 
@@ -186,7 +187,7 @@ def optimise(comps, latents, v0, lora0, *, steps: int, lr_v: float, lr_lora: flo
     groups = [{"params": [v], "lr": lr_v}] + ([{"params": lora_params, "lr": lr_lora}] if lora_params else [])
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     step_losses = []
-    model.sync(device)
+    cmdline.sync(device)
     t0 = time.perf_counter()
     with tqdm(total=steps, desc="tune", leave=False, disable=steps < 50) as bar:  # (closed on Ctrl-C too)
         for step in range(steps):
@@ -206,7 +207,7 @@ def optimise(comps, latents, v0, lora0, *, steps: int, lr_v: float, lr_lora: flo
                 raise UserError(f"the loss became {step_losses[-1]} at step {step + 1}: lower --lr")
             log(f"step {step + 1}/{steps}  loss {step_losses[-1]:.5f}  (Eq. 1: {diff.item():.5f})")
             bar.update(1)
-    model.sync(device)
+    cmdline.sync(device)
     return v.detach(), {k: (A.detach(), B.detach()) for k, (A, B) in lora.items()}, step_losses, time.perf_counter() - t0
 
 
@@ -240,7 +241,7 @@ def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = Fa
         del encoder
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    model.sync(device)
+    cmdline.sync(device)
     encoder_s = time.perf_counter() - t0
 
     # 2) Latents of the augmented views, computed once.
@@ -309,8 +310,8 @@ def main(cfg: Config):
     except data_lib.BadImage as e:
         raise UserError(str(e)) from None
     ckpt, preset = load_encoder_checkpoint(cfg)
-    model.check_output(cfg.out, "file")  # (a missing parent folder is created when the file is written)
-    device = model.resolve_device(cfg.device)
+    cmdline.check_output(cfg.out, "file")  # (a missing parent folder is created when the file is written)
+    device = cmdline.resolve_device(cfg.device)
 
     # 2) Frozen parts (bf16 on CUDA) and the encoder.
     comps, names = load_models(preset, device, cfg.base, cfg.clip, cfg.grad_checkpointing)
@@ -326,15 +327,15 @@ def main(cfg: Config):
 
     # 4) Write the concept file atomically and report.
     t_save = time.perf_counter()
-    model.atomic_save(concept, cfg.out)
+    cmdline.atomic_save(concept, cfg.out)
     total_s = stats["total_s"] + time.perf_counter() - t_save
-    peak = model.peak_memory_gb(device)
+    peak = cmdline.peak_memory_gb(device)
     first = f"{concept['first_loss']:.5f}" if concept["first_loss"] is not None else "-"
     last = f"{concept['final_loss']:.5f}" if concept["final_loss"] is not None else "-"
     print(f"wrote {cfg.out} ({os.path.getsize(cfg.out) / 1e6:.2f} MB): {cfg.steps} steps, loss {first} -> {last}, "
-          f"nearest token {concept['token']!r}, {total_s:.2f} s, peak {peak:.2f} GB ({model.device_name(device)})")
+          f"nearest token {concept['token']!r}, {total_s:.2f} s, peak {peak:.2f} GB ({cmdline.device_name(device)})")
     if cfg.benchmark:
-        print(json.dumps({"what": "tune", "preset": preset, "device": model.device_name(device), "steps": cfg.steps,
+        print(json.dumps({"what": "tune", "preset": preset, "device": cmdline.device_name(device), "steps": cfg.steps,
                           "batch_size": cfg.batch_size, "encoder_s": round(stats["encoder_s"], 4),
                           "tune_loop_s": round(stats["tune_loop_s"], 4), "total_s": round(total_s, 4),
                           "peak_gb": round(peak, 3)}))
@@ -342,7 +343,7 @@ def main(cfg: Config):
 
 
 def cli(argv=None) -> int:
-    return model.run_cli("tune.py", main, parse_args, argv)
+    return cmdline.run_cli("tune.py", main, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cmdline
 import data
 import dualpath
 import evaluate
@@ -168,7 +169,7 @@ def test_a_concept_refuses_another_base_than_it_was_tuned_on(tmp_path, tiny, cap
     comps, names = tiny
     concept = model.make_concept(comps, comps.token_table[:1].clone(), {}, "S*", 1.0, {}, [])
     concept.update(preset="sd15", base="my/sd15")
-    model.atomic_save(concept, str(tmp_path / "c.pt"))
+    cmdline.atomic_save(concept, str(tmp_path / "c.pt"))
     assert sample.cli(["--concept", str(tmp_path / "c.pt"), "--prompt", "a photo of S*", "--base", "other/sd15",
                        "--out", str(tmp_path / "s")]) == 2
     assert "trained with --base my/sd15" in capsys.readouterr().err and not (tmp_path / "s").exists()

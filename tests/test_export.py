@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import cmdline
 import data
 import export
 import model
@@ -30,7 +31,7 @@ def concept_file(tmp_path_factory, tiny):
     concept["lora_B"] = {k: 0.3 * torch.randn(B.shape, generator=g) for k, B in concept["lora_B"].items()}
     concept["lora_scale"] = 0.7  # a non-trivial scale must come out exactly
     path = tmp_path_factory.mktemp("c") / "mydog.pt"
-    model.atomic_save(concept, str(path))
+    cmdline.atomic_save(concept, str(path))
     return str(path), concept
 
 

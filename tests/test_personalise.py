@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cmdline
 import data
 import dualpath
 import model
@@ -65,7 +66,7 @@ def test_steps_zero_writes_the_raw_encoder_prediction(tiny):
 def test_concept_file_round_trip_and_size(tmp_path, tiny, concept):
     comps, names = tiny
     path = tmp_path / "c.pt"
-    model.atomic_save(concept, str(path))
+    cmdline.atomic_save(concept, str(path))
     back = model.load_concept(str(path))  # weights_only=True inside
     assert {"format", "placeholder", "v_star", "token_id", "token", "lora_A", "lora_B", "rank", "lora_scale",
             "alpha_blend", "preset", "base", "tuning", "final_loss"} <= set(back)
@@ -82,7 +83,7 @@ def test_sd15_concept_file_is_well_under_5_mb(tmp_path, sd15_meta):
     concept = {"format": model.CONCEPT_FORMAT, "v_star": torch.zeros(768),
                "lora_A": {n: torch.zeros(din, r) for n, (din, _) in zip(names, shapes)},
                "lora_B": {n: torch.zeros(r, dout) for n, (_, dout) in zip(names, shapes)}}
-    model.atomic_save(concept, str(tmp_path / "sd15.pt"))
+    cmdline.atomic_save(concept, str(tmp_path / "sd15.pt"))
     size = os.path.getsize(tmp_path / "sd15.pt")
     assert size < 3_000_000, size  # ~2.4 MB: 96 layers x rank 4 in fp32, never a UNet (3.4 GB)
 
@@ -123,7 +124,7 @@ def _other_image(tmp_path):
 
 def test_sample_cli_writes_pngs_and_grid_and_benchmark_json(tmp_path, concept, capsys):
     cpath = str(tmp_path / "c.pt")
-    model.atomic_save(concept, cpath)
+    cmdline.atomic_save(concept, cpath)
     out = tmp_path / "imgs"
     args = ["--concept", cpath, "--prompt", "a photo of S* on the beach", "--num-images", "2", "--steps", "3",
             "--seed", "7", "--out", str(out), "--benchmark", "--device", "cpu"]
@@ -210,7 +211,7 @@ def test_tune_failure_does_not_clobber_an_existing_concept(tmp_path):
 def test_sample_bad_input_exits_2_and_writes_nothing(tmp_path, case, concept, capsys):
     d = _bad_files(tmp_path)
     good = str(d / "c.pt")
-    model.atomic_save(concept, good)
+    cmdline.atomic_save(concept, good)
     out = d / "samples"
     args = {"missing_concept": ["--concept", str(d / "nope.pt"), "--prompt", "a photo of S*"],
             "not_ours": ["--concept", str(d / "notours.pt"), "--prompt", "a photo of S*"],

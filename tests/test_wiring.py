@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import cmdline
 import data
 import evaluate
 import model
@@ -402,7 +403,7 @@ def test_generate_passes_soft_prompt_hard_prompt_per_cfg_half_lora_alpha_and_see
 def test_sample_cli_flags_reach_generate(tmp_path, tiny, monkeypatch):
     comps, names = tiny
     path = str(tmp_path / "c.pt")
-    model.atomic_save(_concept(comps, names), path)
+    cmdline.atomic_save(_concept(comps, names), path)
     seen = []
     monkeypatch.setattr(sample, "generate", lambda pipe, comps_, concept, prompt, **kw: seen.append((concept, prompt, kw))
                         or [Image.new("RGB", (8, 8))] * kw["num_images"])
@@ -432,7 +433,7 @@ def test_sampler_is_sd15s_ddim_timesteps():
 def test_concept_file_keeps_the_alpha_and_scale_it_was_tuned_with(tmp_path, tiny):
     comps, names = tiny
     path = str(tmp_path / "c.pt")
-    model.atomic_save(_concept(comps, names, alpha=0.4), path)
+    cmdline.atomic_save(_concept(comps, names, alpha=0.4), path)
     c = model.load_concept(path)
     assert c["alpha_blend"] == 0.4 and c["lora_scale"] == comps.cfg.lora_scale and c["rank"] == comps.cfg.lora_rank
 
