@@ -145,9 +145,16 @@ def test_weights_that_cannot_be_had_give_one_line_with_what_to_do(tmp_path, caps
 # ---------------------------------------------------------------- Ctrl-C
 
 
+def interruptible():
+    """For Popen(preexec_fn=...): SIGINT back to its default in the child. A shell starts
+    background jobs with SIGINT ignored, the child inherits that, and Python then installs no
+    KeyboardInterrupt handler -- Ctrl-C tests would hang when the suite runs in the background."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_when(cmd, ready, tmp_path, timeout=120):
     p = subprocess.Popen([sys.executable] + cmd, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                         text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), preexec_fn=interruptible)
     t0 = time.time()
     while not ready() and time.time() - t0 < timeout and p.poll() is None:
         time.sleep(0.2)
@@ -178,7 +185,7 @@ def test_ctrl_c_in_tune_exits_130_and_writes_nothing(tmp_path):
     cmd = [os.path.join(ROOT, "tune.py"), "--image", IMAGE, "--encoder", "random", "--steps", "100000",
            "--batch-size", "2", "--out", str(out)] + TINY
     p = subprocess.Popen([sys.executable] + cmd, cwd=str(tmp_path), stderr=open(log, "w"), text=True,
-                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"), preexec_fn=interruptible)
     t0 = time.time()
     while "step 2/" not in log.read_text() and time.time() - t0 < 120:
         time.sleep(0.2)

@@ -217,8 +217,11 @@ def test_ctrl_c_saves_a_checkpoint_before_exiting(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "pretrain.py", "--preset", "tiny", "--data", "synthetic", "--steps", "100000",
            "--batch-size", "2", "--num-workers", "0", "--out", str(out), "--log-every", "1", "--save-every", "100000"]
+    # SIGINT back to default in the child: under a shell's background job it starts ignored, and
+    # Python would then install no KeyboardInterrupt handler.
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = out / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
