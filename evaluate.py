@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -35,8 +36,10 @@ import re
 import sys
 from dataclasses import dataclass
 
+# diffusers, transformers, open_clip and matplotlib are imported inside the functions that use them:
+# importing them takes 5-10 s, and --help and one-line input errors should answer at once.
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import cmdline
@@ -249,8 +252,6 @@ def cached_concept(path: str, settings: dict) -> dict | None:
 
 def image_key(concept: dict, prompt: str, cfg: Config) -> str:
     """Short hash of what fixes the generated pixels: the concept, the prompt and the sampler."""
-    import hashlib
-
     h = hashlib.sha1()
     h.update(concept["v_star"].numpy().tobytes())
     h.update(repr((concept.get("final_loss"), prompt, cfg.steps, cfg.guidance, cfg.seed)).encode())
@@ -348,8 +349,6 @@ def image_grid(results: dict, images: dict, files: list[str], prompts: list[str]
     """A Fig. 3/4-style grid: for each of the first concepts, one row per variant -- the input
     photo, then the first generated image of every prompt. Column headers are prompt numbers
     (the prompts are listed in metrics.md / metrics.json)."""
-    from PIL import ImageDraw
-
     variants = list(results)
     stems = [os.path.splitext(f)[0] for f in files][:max_concepts]
     label_w = 110

@@ -27,6 +27,7 @@ import tempfile
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import save_file
 
 import cmdline
 import model
@@ -128,8 +129,6 @@ def file_stem(token: str) -> str:
 
 def export(concept: dict, out: str, formats: list[str], token: str, force: bool = False) -> list[str]:
     """Write the formats into `out` through a temporary folder, so `out` never holds half an export."""
-    from safetensors.torch import save_file
-
     files = {}
     v = concept["v_star"].float().contiguous()
     if "diffusers" in formats:

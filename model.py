@@ -27,6 +27,8 @@ import os
 import warnings
 from dataclasses import dataclass, field
 
+# diffusers, transformers, open_clip and matplotlib are imported inside the functions that use them:
+# importing them takes 5-10 s, and --help and one-line input errors should answer at once.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

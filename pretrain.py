@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -240,8 +241,6 @@ def validate(cfg: Config, comps, encoder, val: dict, step: int, out_dir: str) ->
 
 def _reconstruction_grid(cfg, comps, concepts, val, path: str):
     """Row 1: the held-out images; row 2: x0 predicted in one step at t = 500 with their concepts."""
-    from PIL import Image
-
     device = comps.token_table.device
     t = torch.full((1,), 500, device=device)
     tiles = []
@@ -296,66 +295,38 @@ def make_checkpoint(cfg, comps, encoder, opt, sched, step: int) -> dict:
                                     rng=rng, config=asdict(cfg))
 
 
-def main(cfg: Config):
-    # 1) Processes and devices (same file under `python` and `torchrun`, like nanoGPT).
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    else:
-        rank, world, local_rank = 0, 1, 0
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    master = rank == 0
+def save_checkpoint(cfg: Config, comps, encoder, opt, sched, step: int, periodic: bool = False):
+    """OUT/encoder.pt (what tune.py and --resume read) and, if periodic, OUT/encoder_{step}.pt."""
+    ckpt = make_checkpoint(cfg, comps, encoder, opt, sched, step)
+    cmdline.atomic_save(ckpt, os.path.join(cfg.out, "encoder.pt"))
+    if periodic:
+        cmdline.atomic_save(ckpt, os.path.join(cfg.out, f"encoder_{step:07d}.pt"))
+
+
+def resume_from_checkpoint(cfg: Config, encoder, opt, sched, device, master: bool) -> int:
+    """Restore weights, optimiser, schedule and RNG from --resume (or OUT/encoder.pt for "auto").
+    Returns the step to continue from (0 when there is nothing to resume)."""
+    path = os.path.join(cfg.out, "encoder.pt") if cfg.resume == "auto" else cfg.resume
+    if not (path and os.path.exists(path)):
+        return 0
     try:
-        encoder = _train(cfg, device, rank, world, master)
-        if ddp:  # every rank is done (rank 0 writes the log last) before any rank tears down
-            dist.barrier()
-        return encoder
-    finally:
-        if ddp:
-            dist.destroy_process_group()
-
-
-def _train(cfg: Config, device, rank: int, world: int, master: bool):
-    # 2) Frozen parts and the trainable encoder.
-    comps = model.load_components(cfg.preset, device=device, dtype=model.frozen_dtype(device), base=cfg.base, clip=cfg.clip)
-    names = dualpath.install_dual_path(comps.unet)
-    if cfg.grad_checkpointing:
-        comps.unet.enable_gradient_checkpointing()
-    torch.manual_seed(cfg.seed)
-    encoder = model.build_encoder(comps, names, hypernet=cfg.hypernet).to(device)  # fp32 trainable weights
+        ckpt = model.load_encoder_checkpoint(path)
+    except ValueError as e:
+        raise cmdline.UserError(str(e)) from None
+    encoder.load_state_dict(ckpt["encoder"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    random.setstate((3, tuple(ckpt["rng"]["python"]), None))  # (version 3, Mersenne state, no gauss)
+    if "cuda" in ckpt["rng"] and device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     if master:
-        print(f"tuning-encoder ({cfg.preset}): {model.count_parameters(encoder):,} trainable parameters; "
-              f"{len(names)} LoRA layers, rank {comps.cfg.lora_rank}", file=sys.stderr)
-    opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        print(f"resumed from {path} at step {ckpt['step']}", file=sys.stderr)
+    return ckpt["step"]
 
-    # 3) Resume.
-    step = 0
-    resume = os.path.join(cfg.out, "encoder.pt") if cfg.resume == "auto" else cfg.resume
-    if resume and os.path.exists(resume):
-        try:
-            ckpt = model.load_encoder_checkpoint(resume)
-        except ValueError as e:
-            raise cmdline.UserError(str(e)) from None
-        encoder.load_state_dict(ckpt["encoder"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate((3, tuple(ckpt["rng"]["python"]), None))
-        if "cuda" in ckpt["rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        step = ckpt["step"]
-        if master:
-            print(f"resumed from {resume} at step {step}", file=sys.stderr)
-    model_ddp = DDP(encoder, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else encoder
 
-    # 4) Data: every rank sees its own shard; the sampler skips what a resumed run already saw.
+def open_dataset(cfg: Config, comps, world: int):
+    """The training images and the number of whole global batches in one pass over them."""
     try:
         dataset = data_lib.ConceptImages(cfg.data, cfg.openimages, comps.cfg.resolution, comps.cfg.clip_size,
                                          augment=True, synthetic_seed=cfg.seed)
@@ -364,110 +335,178 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
     steps_per_epoch = len(dataset) // (cfg.batch_size * world)
     if steps_per_epoch == 0:
         raise cmdline.UserError(f"{len(dataset)} images are fewer than one global batch ({cfg.batch_size} x {world})")
+    return dataset, steps_per_epoch
 
+
+def shard_loader(cfg: Config, dataset, device, world: int, rank: int, epoch: int, skip_batches: int):
+    """This rank's shard of one epoch, minus the batches a resumed run already saw."""
+    sampler = data_lib.ResumableSampler(len(dataset), world, rank, cfg.seed, epoch, skip_batches * cfg.batch_size)
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                       num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+
+
+class RunLog:
+    """What a run reports: the progress bar, stderr lines and OUT/log.jsonl (rank 0 only), the
+    throughput, and the unreadable files of each epoch (from every rank)."""
+
+    def __init__(self, cfg: Config, device, step: int, last: int, master: bool, world: int):
+        self.cfg, self.device, self.master, self.world = cfg, device, master, world
+        self.path = os.path.join(cfg.out, "log.jsonl")
+        self.bar = tqdm(total=last, initial=step, disable=not master, desc="pretrain", dynamic_ncols=True)
+        self.t_log, self.images_since, self.images_per_s = time.time(), 0, 0.0
+        self.bad_images = set()  # names of the unreadable files seen this epoch, on this rank
+        self.validated_step = None
+
+    def write(self, record: dict):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def after_step(self, step: int, last: int, terms: dict, lr: float, batch):
+        self.bad_images.update(p for b in batch["bad"] for p in b.splitlines())
+        self.images_since += self.cfg.batch_size * self.world
+        self.bar.update(1)
+        if step % self.cfg.log_every and step != last:
+            return
+        if self.device.type == "cuda":  # (.item() waits for the GPU: only on log steps)
+            torch.cuda.synchronize()
+        self.images_per_s = self.images_since / max(1e-9, time.time() - self.t_log)
+        self.t_log, self.images_since = time.time(), 0
+        if self.master:
+            peak = cmdline.peak_memory_gb(self.device)
+            self.bar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()})
+            self.bar.write(f"step {step}: loss {terms['loss'].item():.4f}, {self.images_per_s:.1f} images/s, "
+                           f"peak {peak:.2f} GB", file=sys.stderr)
+            self.write({"step": step, **{k: round(v.item(), 6) for k, v in terms.items()}, "lr": lr,
+                        "images_per_s": round(self.images_per_s, 3), "peak_gb": round(peak, 3)})
+
+    def validation(self, rec: dict):
+        self.bar.write(f"step {rec['step']}: val gap (swapped - matched) {rec['gap']:+.5f} ± {rec['gap_se']:.5f}, "
+                       f"matched {rec['matched']:.5f}, |v*| {rec['v_norm']:.3f}, |dW| {rec['delta_w_norm']:.3f}",
+                       file=sys.stderr)
+        self.write(rec)
+        self.validated_step = rec["step"]
+
+    def epoch_end(self, epoch: int, step: int):
+        """Name the distinct unreadable files of the epoch (all ranks), on stderr and in the log."""
+        names = [self.bad_images]
+        if self.world > 1:
+            names = [None] * self.world
+            dist.all_gather_object(names, self.bad_images)
+        names = sorted(set().union(*names))
+        if self.master and names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            self.bar.write(f"epoch {epoch}: skipped {len(names)} unreadable image(s): {shown}", file=sys.stderr)
+        self.write({"event": "epoch_end", "epoch": epoch, "step": step, "bad_images": len(names), "bad_files": names})
+        self.bad_images = set()
+
+
+def main(cfg: Config):
+    # 1) Processes and devices (same file under `python` and `torchrun`, like nanoGPT).
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rank, world, local_rank = 0, 1, 0
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    try:
+        encoder = train(cfg, device, rank, world)
+        if ddp:  # every rank is done (rank 0 writes the log last) before any rank tears down
+            dist.barrier()
+        return encoder
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def build_training(cfg: Config, device, master: bool):
+    """(frozen components with the dual-path processors, trainable encoder, AdamW, LR schedule)."""
+    comps = model.load_components(cfg.preset, device=device, dtype=model.frozen_dtype(device), base=cfg.base,
+                                  clip=cfg.clip)
+    names = dualpath.install_dual_path(comps.unet)
+    if cfg.grad_checkpointing:
+        comps.unet.enable_gradient_checkpointing()
+    torch.manual_seed(cfg.seed)  # the encoder's initial weights
+    encoder = model.build_encoder(comps, names, hypernet=cfg.hypernet).to(device)
+    if master:
+        print(f"tuning-encoder ({cfg.preset}): {model.count_parameters(encoder):,} trainable parameters; "
+              f"{len(names)} LoRA layers, rank {comps.cfg.lora_rank}", file=sys.stderr)
+    opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    return comps, encoder, opt, sched
+
+
+def train(cfg: Config, device, rank: int, world: int):
+    """One process's whole run, phase by phase (every rank runs the same code)."""
+    master = rank == 0
+
+    # 2) Frozen parts, the trainable encoder (fp32), AdamW and the LR schedule.
+    comps, encoder, opt, sched = build_training(cfg, device, master)
+
+    # 3) Resume (weights, optimiser, schedule, RNG), then wrap in DDP, which averages the
+    #    gradients of all ranks during backward().
+    step = resume_from_checkpoint(cfg, encoder, opt, sched, device, master)
+    ddp_encoder = DDP(encoder, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else encoder
+
+    # 4) Data: every rank reads its own shard; held-out images for the validation signal (rank 0).
+    dataset, steps_per_epoch = open_dataset(cfg, comps, world)
     val = load_validation_set(cfg, comps) if (cfg.val_images and master) else None
-
-    def loader(epoch: int, skip_batches: int):
-        sampler = data_lib.ResumableSampler(len(dataset), world, rank, cfg.seed, epoch, skip_batches * cfg.batch_size)
-        return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                           num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-
-    # 5) Train.
     if master:
         os.makedirs(cfg.out, exist_ok=True)
-    log_path = os.path.join(cfg.out, "log.jsonl")
     last = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps
-    bar = tqdm(total=last, initial=step, disable=not master, desc="pretrain", dynamic_ncols=True)
+    log = RunLog(cfg, device, step, last, master, world)
     encoder.train()
-    bad_images, t_log, images_since, ips = set(), time.time(), 0, 0.0  # bad_images: names of unreadable files
+
+    # 5) The training loop.
     epoch = step // steps_per_epoch
-
-    def save(periodic: bool):
-        if not master:
-            return
-        ckpt = make_checkpoint(cfg, comps, encoder, opt, sched, step)
-        cmdline.atomic_save(ckpt, os.path.join(cfg.out, "encoder.pt"))
-        if periodic:
-            cmdline.atomic_save(ckpt, os.path.join(cfg.out, f"encoder_{step:07d}.pt"))
-
-    validated = {"step": None}
-
-    def run_validation():
-        rec = validate(cfg, comps, encoder, val, step, cfg.out)
-        bar.write(f"step {step}: val gap (swapped - matched) {rec['gap']:+.5f} ± {rec['gap_se']:.5f}, "
-                  f"matched {rec['matched']:.5f}, |v*| {rec['v_norm']:.3f}, |dW| {rec['delta_w_norm']:.3f}", file=sys.stderr)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        validated["step"] = step
-
-    def report_bad(epoch: int):
-        """Name the distinct unreadable files of the epoch (all ranks), on stderr and in the log."""
-        names = [bad_images]
-        if world > 1:
-            names = [None] * world
-            dist.all_gather_object(names, bad_images)
-        names = sorted(set().union(*names))
-        if master and names:
-            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            bar.write(f"epoch {epoch}: skipped {len(names)} unreadable image(s): {shown}", file=sys.stderr)
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"event": "epoch_end", "epoch": epoch, "step": step, "bad_images": len(names),
-                                    "bad_files": names}) + "\n")
-
     try:
         while step < last:
-            epoch, pos = divmod(step, steps_per_epoch)
-            for batch in loader(epoch, pos):
-                terms = pretrain_losses(cfg, comps, model_ddp, batch, step_seed(cfg, step, rank), world, rank)
+            epoch, done_in_epoch = divmod(step, steps_per_epoch)
+            for batch in shard_loader(cfg, dataset, device, world, rank, epoch, done_in_epoch):
+                terms = pretrain_losses(cfg, comps, ddp_encoder, batch, step_seed(cfg, step, rank), world, rank)
                 opt.zero_grad(set_to_none=True)
-                terms["loss"].backward()
+                terms["loss"].backward()  # (under DDP: all-reduce of the gradients)
                 torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.grad_clip)
                 opt.step()
                 sched.step()
                 step += 1
-                bad_images.update(p for b in batch["bad"] for p in b.splitlines())
-                images_since += cfg.batch_size * world
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == last:  # (.item() waits for the GPU: only here)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    ips = images_since / max(1e-9, time.time() - t_log)
-                    t_log, images_since = time.time(), 0
-                    if master:
-                        bar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()})
-                        bar.write(f"step {step}: loss {terms['loss'].item():.4f}, {ips:.1f} images/s, "
-                                  f"peak {cmdline.peak_memory_gb(device):.2f} GB", file=sys.stderr)
-                        rec = {"step": step, **{k: round(v.item(), 6) for k, v in terms.items()},
-                               "lr": sched.get_last_lr()[0], "images_per_s": round(ips, 3),
-                               "peak_gb": round(cmdline.peak_memory_gb(device), 3)}
-                        with open(log_path, "a") as f:
-                            f.write(json.dumps(rec) + "\n")
+                log.after_step(step, last, terms, sched.get_last_lr()[0], batch)
                 if val is not None and (step % cfg.val_every == 0 or step == last):
-                    run_validation()
-                if step % cfg.save_every == 0:
-                    save(periodic=True)
+                    log.validation(validate(cfg, comps, encoder, val, step, cfg.out))
+                if master and step % cfg.save_every == 0:
+                    save_checkpoint(cfg, comps, encoder, opt, sched, step, periodic=True)
                 if step >= last:
                     break
             else:  # a full epoch ended
-                report_bad(epoch)
-                bad_images = set()
-        save(periodic=False)
+                log.epoch_end(epoch, step)
+        if master:
+            save_checkpoint(cfg, comps, encoder, opt, sched, step)
     except KeyboardInterrupt:
         if master:
             print(f"\ninterrupted: saving step {step} to {cfg.out}/encoder.pt", file=sys.stderr)
-        save(periodic=False)
+            save_checkpoint(cfg, comps, encoder, opt, sched, step)
         raise SystemExit(130)
     finally:
-        bar.close()
-    report_bad(epoch)
-    if val is not None and validated["step"] != step:  # e.g. --resume of a finished run: validate it
-        run_validation()
+        log.bar.close()
+    log.epoch_end(epoch, step)
+    if val is not None and log.validated_step != step:  # e.g. --resume of a finished run: validate it
+        log.validation(validate(cfg, comps, encoder, val, step, cfg.out))
     if master:
         print(f"pretrain.py: wrote {os.path.join(cfg.out, 'encoder.pt')} (step {step}; tune.py --encoder reads it) "
-              f"and {log_path}", file=sys.stderr)
+              f"and {log.path}", file=sys.stderr)
 
-    # 6) Check that the ranks agree, and report.
+    # 6) Check that the ranks hold the same weights, and report.
+    report_end(cfg, device, encoder, step, world, master, log)
+    return encoder
+
+
+def report_end(cfg: Config, device, encoder, step: int, world: int, master: bool, log: RunLog):
+    """Every rank's parameter checksums (equal under DDP) in the log; --benchmark's JSON line."""
     checksum = torch.stack([sum(p.detach().double().sum() for p in encoder.parameters()),
                             sum(p.detach().double().pow(2).sum() for p in encoder.parameters())]).to(device)
     sums = [torch.zeros_like(checksum) for _ in range(world)]
@@ -475,16 +514,13 @@ def _train(cfg: Config, device, rank: int, world: int, master: bool):
         dist.all_gather(sums, checksum)
     else:
         sums = [checksum]
-    if master:
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"event": "done", "step": step, "world_size": world,
-                                "param_checksums": [s.tolist() for s in sums]}) + "\n")
-        if cfg.benchmark:
-            print(json.dumps({"what": "pretrain", "preset": cfg.preset, "device": cmdline.device_name(device),
-                              "world_size": world, "batch_size": cfg.batch_size, "steps": step,
-                              "images_per_s": round(ips, 3), "peak_gb": round(cmdline.peak_memory_gb(device), 3),
-                              "encoder_params": model.count_parameters(encoder)}))
-    return encoder
+    log.write({"event": "done", "step": step, "world_size": world, "param_checksums": [s.tolist() for s in sums]})
+    if master and cfg.benchmark:
+        print(json.dumps({"what": "pretrain", "preset": cfg.preset, "device": cmdline.device_name(device),
+                          "world_size": world, "batch_size": cfg.batch_size, "steps": step,
+                          "images_per_s": round(log.images_per_s, 3),
+                          "peak_gb": round(cmdline.peak_memory_gb(device), 3),
+                          "encoder_params": model.count_parameters(encoder)}))
 
 
 def cli(argv=None) -> int:

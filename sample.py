@@ -21,7 +21,10 @@ import sys
 import time
 from dataclasses import dataclass
 
+# diffusers, transformers, open_clip and matplotlib are imported inside the functions that use them:
+# importing them takes 5-10 s, and --help and one-line input errors should answer at once.
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import cmdline
@@ -130,8 +133,6 @@ def slug(text: str, n: int = 60) -> str:
 
 def grid(images):
     """Side-by-side grid of PIL images (up to 4 per row)."""
-    from PIL import Image
-
     cols = min(4, len(images))
     rows = (len(images) + cols - 1) // cols
     w, h = images[0].size

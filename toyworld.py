@@ -40,14 +40,19 @@ import sys
 import time
 from dataclasses import dataclass
 
+# diffusers, transformers, open_clip and matplotlib are imported inside the functions that use them:
+# importing them takes 5-10 s, and --help and one-line input errors should answer at once.
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import cmdline
 import data as data_lib
+import evaluate
 import model
+import sample
 
 # ----------------------------------------------------------------------------------------
 # The world
@@ -321,7 +326,6 @@ def clip_images(images_u8: torch.Tensor) -> torch.Tensor:
 
 def stage_clip(name: str, out: str, steps: int, batch: int, seed: int):
     import open_clip
-    from safetensors.torch import save_file
 
     images, scenes, insts = load_world(out)
     cfg = CLIP_CONFIGS[name]
@@ -437,8 +441,6 @@ def stage_t2i(out: str, steps: int, batch: int, seed: int):
 def competence(out: str, n_prompts: int = 60, steps: int = 25, seed: int = 0, device="cpu") -> dict:
     """Prompt following of the toy text-to-image model and instance separation of the metric
     CLIP, measured with the code the evaluation uses (sample.generate, evaluate.ClipMetric)."""
-    import evaluate
-    import sample
 
     comps = model.load_components("toy", device=device, base=os.path.join(out, "sd"), clip=os.path.join(out, "clip-h"),
                                   with_image_encoder=False)
