@@ -2,6 +2,7 @@
 import json
 import os
 
+import open_clip
 import pytest
 import torch
 from PIL import Image
@@ -30,7 +31,15 @@ def test_clip_t_scores_the_prompt_with_the_class_noun(metric):
     img = data.synthetic_image(2, size=64)
     s = metric.prompt_similarity([img], "a photo of dog on the beach")
     assert metric.last_texts == ["a photo of dog on the beach"]
-    assert -1.0 <= s <= 1.0
+    # By hand: the cosine of the two towers' embeddings, the image at the tower's input size, CLIP mean/std.
+    size = metric.model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    with torch.no_grad():
+        im = metric.model.encode_image(data.clip_tensor(data.centre_square(img), size)[None])
+        tx = metric.model.encode_text(open_clip.get_tokenizer("ViT-B-16")(["a photo of dog on the beach"]))
+    want = torch.nn.functional.cosine_similarity(im, tx).item()
+    assert abs(s - want) < 1e-5 and abs(s) < 1
+    assert abs(metric.prompt_similarity([img], "an oil painting of dog") - s) > 1e-4  # the text matters
 
 
 def test_class_nouns_from_csv_or_file_stem(tmp_path):
@@ -63,9 +72,12 @@ def test_end_to_end_writes_metrics_table_plot_and_reuses_the_cache(tmp_path, mon
                                   "a photo of teapot on the beach", "an oil painting of teapot"] * 2)
     rep = json.loads((out / "metrics.json").read_text())
     assert set(rep["summary"]) == {"full", "no_dual_path"}
-    for s in rep["summary"].values():
-        assert {"mean", "se", "n"} <= set(s["identity"]) and s["identity"]["n"] == 4
-        assert -1 <= s["prompt"]["mean"] <= 1 and 0 < s["identity"]["mean"] <= 1
+    for variant, s in rep["summary"].items():  # mean +- SE over the concept x prompt cells
+        cells = [c for concept in rep["variants"][variant].values() for c in concept["prompts"].values()]
+        assert len(cells) == s["identity"]["n"] == s["prompt"]["n"] == 4
+        for key in ("identity", "prompt"):
+            assert s[key] == pytest.approx(evaluate.mean_se([c[key] for c in cells]), rel=1e-9)
+        assert s["identity"]["se"] > 0 and 0 < s["identity"]["mean"] < 1 and abs(s["prompt"]["mean"]) < 1
     cell = rep["variants"]["full"]["dog_01"]["prompts"]["a photo of S* on the beach"]
     assert cell["text"] == "a photo of dog on the beach" and {"identity", "prompt", "images"} <= set(cell)
     assert rep["variants"]["no_dual_path"]["teapot_02"]["noun"] == "teapot"

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -47,8 +48,8 @@ def test_twelve_tuning_steps_lower_the_denoising_loss_on_a_held_out_batch(tiny):
     tuned, stats = _tune(comps, names, steps=12)
     before = sum(tune.concept_denoise_loss(comps, raw, held_out, seed=s) for s in range(5)) / 5
     after = sum(tune.concept_denoise_loss(comps, tuned, held_out, seed=s) for s in range(5)) / 5
-    # Measured on CPU (tiny, random encoder, batch 4): 1.1216 -> 1.1123 (-0.83%).
-    assert after < before * 0.997, (before, after)
+    # Measured on CPU (tiny, random encoder, batch 4): 1.1218 -> 1.1098 (-1.08%). Ask for -0.7%.
+    assert after < before * 0.993, (before, after)
     assert len(stats["losses"]) == 12
     assert not torch.equal(raw["v_star"], tuned["v_star"])
 
@@ -77,15 +78,29 @@ def test_concept_file_round_trip_and_size(tmp_path, tiny, concept):
 
 
 def test_sd15_concept_file_is_well_under_5_mb(tmp_path, sd15_meta):
+    # The real writer (make_concept) at SD 1.5's sizes: 96 layers, rank 4, a 49,408 x 768 token
+    # table (random here: the file's size and layout do not depend on the weights' values).
     names = dualpath.lora_layer_names(sd15_meta.unet)
     shapes = model.lora_shapes(sd15_meta.unet, names)
-    r = model.preset_config("sd15").lora_rank
-    concept = {"format": model.CONCEPT_FORMAT, "v_star": torch.zeros(768),
-               "lora_A": {n: torch.zeros(din, r) for n, (din, _) in zip(names, shapes)},
-               "lora_B": {n: torch.zeros(r, dout) for n, (_, dout) in zip(names, shapes)}}
-    cmdline.atomic_save(concept, str(tmp_path / "sd15.pt"))
-    size = os.path.getsize(tmp_path / "sd15.pt")
-    assert size < 3_000_000, size  # ~2.4 MB: 96 layers x rank 4 in fp32, never a UNet (3.4 GB)
+    g = torch.Generator().manual_seed(0)
+    table = torch.nn.Embedding.from_pretrained(torch.randn(49408, 768, generator=g) * 0.4)
+    comps = model.Components(preset="sd15", cfg=model.preset_config("sd15"), tokenizer=model.build_tokenizer(),
+                             noise_scheduler=sd15_meta.noise_scheduler, base="sd15-folder", clip="", unet=None,
+                             vae=None, text_encoder=types.SimpleNamespace(get_input_embeddings=lambda: table),
+                             image_encoder=None)
+    r = comps.cfg.lora_rank
+    lora = {n: (torch.randn(1, din, r, generator=g), torch.randn(1, r, dout, generator=g)) for n, (din, dout) in
+            zip(names, shapes)}
+    v = comps.token_table[1929:1930] + 0.01  # near "dog"
+    concept = model.make_concept(comps, v, lora, "S*", 0.25, {"method": "date", "steps": 12}, [1.0, 0.9])
+    path = str(tmp_path / "sd15.pt")
+    cmdline.atomic_save(concept, path)
+    back = model.load_concept(path)  # checks keys, shapes and values
+    assert len(back["lora_A"]) == 96 and back["token"] == "dog" and back["v_star"].shape == (768,)
+    assert all(back["lora_A"][n].shape == (din, r) and back["lora_B"][n].shape == (r, dout)
+               for n, (din, dout) in zip(names, shapes))
+    size = os.path.getsize(path)
+    assert 2_000_000 < size < 3_000_000, size  # ~2.4 MB: 96 layers x rank 4 in fp32, never a UNet (3.4 GB)
 
 
 def test_b_zero_and_real_token_v_star_sample_equals_plain_sd_with_hard_prompt(tiny, concept, pipe):
