@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 # diffusers, transformers, open_clip and matplotlib are imported inside the functions that use them:
@@ -75,16 +76,12 @@ def build_pipeline(comps):
     return pipe
 
 
-_warned_no_placeholder = False
-
-
 @torch.no_grad()
 def generate(pipe, comps, concept: dict | None, prompt: str, negative_prompt: str = "", num_images: int = 4,
              steps: int = 50, guidance: float = 7.5, seed: int = 0, alpha_blend: float | None = None,
              output_type: str = "pil"):
     """Images for one prompt. concept=None: plain Stable Diffusion (the prompt goes to the
     pipeline as a string). Image i uses generator seed + i. The plain function behind sample.py."""
-    global _warned_no_placeholder
     device = comps.token_table.device
     gens = [torch.Generator(device).manual_seed(seed + i) for i in range(num_images)]
     common = dict(num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type=output_type,
@@ -92,14 +89,9 @@ def generate(pipe, comps, concept: dict | None, prompt: str, negative_prompt: st
     if concept is None:
         return pipe(prompt=[prompt] * num_images, negative_prompt=[negative_prompt] * num_images, **common).images
 
-    ph = concept["placeholder"]
-    if ph not in prompt and not _warned_no_placeholder:
-        print(f"sample.py: warning: the prompt does not mention {ph}: the concept's word is unused "
-              f"(its LoRA still applies)", file=sys.stderr)
-        _warned_no_placeholder = True
     te, tok = comps.text_encoder, comps.tokenizer
     C, C_h = model.encode_concept_prompts(te, tok, concept, [prompt] * num_images)  # (n, 77, D) soft and hard
-    neg = model.encode_prompt(te, tok, [negative_prompt] * num_images, placeholder=ph)  # uncond, both paths
+    neg = model.encode_prompt(te, tok, [negative_prompt] * num_images, placeholder=concept["placeholder"])  # uncond
     dtype = next(comps.unet.parameters()).dtype
     hard = torch.cat([neg, C_h]) if guidance > 1 else C_h  # the pipeline's CFG batch is [uncond; cond]
     alpha = concept["alpha_blend"] if alpha_blend is None else alpha_blend
@@ -189,6 +181,9 @@ def main(cfg: Config):
         model.tokenize_with_placeholder(model.build_tokenizer(), [cfg.prompt], (concept or {}).get("placeholder", model.PLACEHOLDER))
     except model.PromptTooLong as e:
         raise UserError(str(e)) from None
+    if concept is not None and concept["placeholder"] not in cfg.prompt:
+        warnings.warn(f"the prompt does not mention {concept['placeholder']}: the concept's word is unused "
+                      f"(its LoRA still applies)")
     device = cmdline.resolve_device(cfg.device)
     base = cfg.base or (concept or {}).get("base") or None
 

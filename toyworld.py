@@ -31,7 +31,6 @@ unseen evaluation concepts), vae, clip-h, clip-b, t2i (text encoder + UNet), com
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os

@@ -131,24 +131,6 @@ def build_tuning_encoder(ckpt, comps, names, seed: int) -> model.TuningEncoder:
     return model.encoder_from_checkpoint(ckpt, comps)
 
 
-def concept_denoise_loss(comps, concept: dict, latents: torch.Tensor, seed: int, alpha: float | None = None) -> float:
-    """Eq. (1) of a concept on given clean latents, with noise, t and prompts fixed by `seed`.
-
-    Used to compare concepts on a held-out batch (tests, diagnostics). No gradients.
-    """
-    device = comps.token_table.device
-    g = torch.Generator(device).manual_seed(seed)
-    with torch.no_grad():
-        z_t, t, _, target = model.noisy_latents(comps.noise_scheduler, latents.to(device), g)
-        prompts = data_lib.make_prompts(len(latents), random.Random(seed), concept["placeholder"])
-        C, C_h = model.encode_concept_prompts(comps.text_encoder, comps.tokenizer, concept, prompts)
-        kw = dualpath.dual_path_kwargs(model.concept_lora(concept, device), C_h,
-                                       alpha=concept["alpha_blend"] if alpha is None else alpha, lora_scale=concept["lora_scale"])
-        with model.autocast(device):
-            pred = comps.unet(z_t, t, encoder_hidden_states=C, cross_attention_kwargs=kw).sample
-        return losses.diffusion_loss(pred, target).item()
-
-
 def view_latents(comps, image, n: int, seed: int, augment: bool = True, chunk: int = 4) -> torch.Tensor:
     """VAE latents of n views of one image (augmented with views seeded by `seed`), computed once."""
     device = comps.token_table.device

@@ -7,7 +7,6 @@ import os
 import random
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
