@@ -174,7 +174,7 @@ def list_openimages(root: str) -> list[tuple[str, tuple]]:
 
 def synthetic_image(index: int, size: int = 256, seed: int = 0) -> Image.Image:
     """A procedural 'concept': one textured shape on a textured background, fixed by (seed, index)."""
-    rng = random.Random(seed * 1_000_003 + index)
+    rng = random.Random(seed * 1_000_003 + index)  # a prime stride: (seed, index) pairs never collide
     col = lambda: tuple(rng.randrange(256) for _ in range(3))  # noqa: E731
     bg1, bg2, fg1, fg2 = col(), col(), col(), col()
     im = Image.new("RGB", (size, size), bg1)
@@ -327,7 +327,10 @@ class ResumableSampler(Sampler):
     def __iter__(self):
         for pos, index in enumerate(self.dist):
             if pos >= self.skip:
-                yield index, hash((self.seed, self.epoch, index)) & 0x7FFFFFFF
+                # hash() of a tuple of ints is the same in every process and every run (only str
+                # and bytes hashes are randomised): the augmentation of an image depends on
+                # (seed, epoch, index) alone, whatever the rank, worker count or resume point.
+                yield index, hash((self.seed, self.epoch, index)) & 0x7FFFFFFF  # 31-bit seed
 
     def __len__(self):
         return max(0, len(self.dist) - self.skip)

@@ -33,7 +33,7 @@ def nn_contrastive_loss(
 ) -> torch.Tensor:
     """Eq. (3): pull each v* toward its k nearest real tokens, push it away from other images' v'.
 
-    v (B, D): predicted embeddings of the batch. token_table (V, D): frozen token embeddings.
+    v (N, D): predicted embeddings of the batch. token_table (V, D): frozen token embeddings.
     Positives N(v*) = the k rows of the table nearest to v* in cosine (special tokens excluded;
     the search carries no gradient). Negatives = the other rows of v, plus `extra_negatives`
     (M, D), e.g. the v' gathered from the other ranks under DDP.
@@ -44,18 +44,18 @@ def nn_contrastive_loss(
     favour long rows over near ones), and because Eq. (4) shrinks ||v*|| during training,
     which would silently change the effective temperature tau of raw dot products.
     """
-    nn_ids, _ = nearest_tokens(v, token_table, k=k, exclude=exclude_ids)  # (B, k), no grad
+    nn_ids, _ = nearest_tokens(v, token_table, k=k, exclude=exclude_ids)  # (N, k), no grad
     table = F.normalize(token_table.detach().float(), dim=-1)  # (V, D)
-    vn = F.normalize(v.float(), dim=-1)  # (B, D)
-    pos = (vn[:, None, :] * table[nn_ids]).sum(-1) / tau  # (B, k)   v*.T_i / tau
+    vn = F.normalize(v.float(), dim=-1)  # (N, D)
+    pos = (vn[:, None, :] * table[nn_ids]).sum(-1) / tau  # (N, k)   v*.T_i / tau
     negs = vn if extra_negatives is None else torch.cat([vn, F.normalize(extra_negatives.float(), dim=-1)])
-    neg = vn @ negs.T / tau  # (B, B+M)   v*.v' / tau
-    B = v.shape[0]
+    neg = vn @ negs.T / tau  # (N, N+M)   v*.v' / tau
+    n = v.shape[0]
     self_mask = torch.zeros_like(neg, dtype=torch.bool)
-    self_mask[torch.arange(B), torch.arange(B)] = True  # v' != v*: drop each row's own entry
+    self_mask[torch.arange(n), torch.arange(n)] = True  # v' != v*: drop each row's own entry
     neg = neg.masked_fill(self_mask, -float("inf"))
     # Eq. (3): -log( sum_pos exp / (sum_pos exp + sum_neg exp) ), in log-sum-exp form.
-    loss = torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1) - torch.logsumexp(pos, dim=1)  # (B,)
+    loss = torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1) - torch.logsumexp(pos, dim=1)  # (N,)
     return loss.mean()
 
 
@@ -65,15 +65,15 @@ def nearest_cosine_loss(v: torch.Tensor, token_table: torch.Tensor, exclude_ids=
     The regulariser Sec. 5.2 compares Eq. (3) against, "inspired by the code-book losses of
     VQGAN": it pulls v* toward its nearest token but, having no negatives, does nothing to keep
     different images' v* apart. The table is frozen, so only VQGAN's commitment half remains.
-    v (B, D); the search carries no gradient. Batch mean.
+    v (N, D); the search carries no gradient. Batch mean.
     """
-    nn_ids, _ = nearest_tokens(v, token_table, k=1, exclude=exclude_ids)  # (B, 1), no grad
-    nearest = token_table.detach().float()[nn_ids[:, 0]]  # (B, D)
+    nn_ids, _ = nearest_tokens(v, token_table, k=1, exclude=exclude_ids)  # (N, 1), no grad
+    nearest = token_table.detach().float()[nn_ids[:, 0]]  # (N, D)
     return (1 - F.cosine_similarity(v.float(), nearest, dim=-1)).mean()
 
 
 def embedding_l2(v: torch.Tensor) -> torch.Tensor:
-    """Eq. (4): ||v*||^2, averaged over the batch. v (B, D)."""
+    """Eq. (4): ||v*||^2, averaged over the batch. v (N, D)."""
     return v.float().pow(2).sum(-1).mean()  # Eq. (4)
 
 

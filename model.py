@@ -410,7 +410,7 @@ def tokenize_ids(tokenizer, piece: str) -> tuple[int, ...]:
 
 
 def tokenize_with_placeholder(tokenizer, prompts: list[str], placeholder: str = PLACEHOLDER):
-    """Token ids (B, 77) and a mask (B, 77) of where the placeholder sits.
+    """Token ids (N, 77) and a mask (N, 77) of where the placeholder sits.
 
     Each piece of the prompt between placeholders is tokenised on its own, so the placeholder
     occupies exactly one token slot (whatever the tokenizer would have made of "S*"). The slot
@@ -450,10 +450,10 @@ def encode_prompt(
     hard_ids: torch.Tensor | None = None,
     placeholder: str = PLACEHOLDER,
 ) -> torch.Tensor:
-    """Text-encoder output (B, 77, D) for prompts that contain the placeholder.
+    """Text-encoder output (N, 77, D) for prompts that contain the placeholder.
 
-    v_star (B|1, D): the soft prompt C -- v* is inserted at the placeholder's token slot
-    (gradients flow back to v*). hard_ids (B|1,): the hard prompt C_h -- the placeholder is
+    v_star (N|1, D): the soft prompt C -- v* is inserted at the placeholder's token slot
+    (gradients flow back to v*). hard_ids (N|1,): the hard prompt C_h -- the placeholder is
     replaced by a real token id (Sec. 4.3). Neither: the placeholder slot keeps id 0.
     Works with the unmodified transformers CLIPTextModel: v* enters through a forward hook on
     its token-embedding layer.
@@ -464,14 +464,14 @@ def encode_prompt(
     if hard_ids is not None:
         ids = torch.where(mask, hard_ids.to(device).view(-1, 1), ids)
     if v_star is None:
-        return text_encoder(input_ids=ids).last_hidden_state  # (B, 77, D)
+        return text_encoder(input_ids=ids).last_hidden_state  # (N, 77, D)
 
-    def insert_v_star(module, inputs, out):  # out: (B, 77, D) token embeddings
+    def insert_v_star(module, inputs, out):  # out: (N, 77, D) token embeddings
         return torch.where(mask[..., None], v_star[:, None, :].to(out.dtype), out)
 
     handle = text_encoder.get_input_embeddings().register_forward_hook(insert_v_star)
     try:
-        return text_encoder(input_ids=ids).last_hidden_state  # (B, 77, D)
+        return text_encoder(input_ids=ids).last_hidden_state  # (N, 77, D)
     finally:
         handle.remove()
 
@@ -479,9 +479,9 @@ def encode_prompt(
 def encode_soft_and_hard(text_encoder, tokenizer, prompts: list[str], v_star: torch.Tensor, token_table: torch.Tensor,
                          placeholder: str = PLACEHOLDER):
     """(C, C_h, hard_ids) for Eq. (5): C with v* at the placeholder (gradients reach v*), C_h with
-    the nearest real token v_h of each v* instead (Sec. 4.3; no gradient). v_star (B|1, D)."""
-    hard_ids = nearest_tokens(v_star, token_table, k=1)[0][:, 0]  # (B|1,) ids of v_h
-    C = encode_prompt(text_encoder, tokenizer, prompts, v_star=v_star, placeholder=placeholder)  # (B, 77, D)
+    the nearest real token v_h of each v* instead (Sec. 4.3; no gradient). v_star (N|1, D)."""
+    hard_ids = nearest_tokens(v_star, token_table, k=1)[0][:, 0]  # (N|1,) ids of v_h
+    C = encode_prompt(text_encoder, tokenizer, prompts, v_star=v_star, placeholder=placeholder)  # (N, 77, D)
     with torch.no_grad():
         C_h = encode_prompt(text_encoder, tokenizer, prompts, hard_ids=hard_ids, placeholder=placeholder)
     return C, C_h, hard_ids
@@ -489,12 +489,12 @@ def encode_soft_and_hard(text_encoder, tokenizer, prompts: list[str], v_star: to
 
 @torch.no_grad()
 def nearest_tokens(v: torch.Tensor, token_table: torch.Tensor, k: int = 1, exclude=SPECIAL_IDS):
-    """Cosine top-k rows of the token table for each v (B, D) -> (ids (B, k), cosines (B, k)).
+    """Cosine top-k rows of the token table for each v (N, D) -> (ids (N, k), cosines (N, k)).
 
     Special tokens (start/end of text) are never returned. No gradient flows through the search.
     """
     table = F.normalize(token_table.float(), dim=-1)  # (V, D)
-    sims = F.normalize(v.detach().float(), dim=-1) @ table.T  # (B, V)
+    sims = F.normalize(v.detach().float(), dim=-1) @ table.T  # (N, V)
     sims[:, list(exclude)] = -float("inf")
     cos, ids = sims.topk(k, dim=-1)
     return ids, cos
@@ -506,23 +506,23 @@ def nearest_tokens(v: torch.Tensor, token_table: torch.Tensor, k: int = 1, exclu
 
 @torch.no_grad()
 def clip_spatial_features(image_encoder, clip_image: torch.Tensor) -> torch.Tensor:
-    """open_clip ViT last-layer patch tokens as a map: (B, 3, 224, 224) -> (B, W, g, g)."""
-    _, tokens = image_encoder(clip_image.to(next(image_encoder.parameters()).dtype))  # (B, g*g, W)
-    return rearrange(tokens, "b (h w) c -> b c h w", h=math.isqrt(tokens.shape[1]))  # (B, W, g, g)
+    """open_clip ViT last-layer patch tokens as a map: (N, 3, 224, 224) -> (N, W, g, g)."""
+    _, tokens = image_encoder(clip_image.to(next(image_encoder.parameters()).dtype))  # (N, g*g, W)
+    return rearrange(tokens, "b (h w) c -> b c h w", h=math.isqrt(tokens.shape[1]))  # (N, W, g, g)
 
 
 @torch.no_grad()
 def unet_encoder_features(unet, z_t: torch.Tensor, t: torch.Tensor, empty_emb: torch.Tensor) -> torch.Tensor:
     """Down blocks + mid block of the base UNet on (z_t, t) with the empty prompt (Sec. 4.1).
 
-    (B, 4, 64, 64) -> (B, 1280, 8, 8) for SD 1.5. No LoRA: the dual-path processors act as
+    (N, 4, 64, 64) -> (N, 1280, 8, 8) for SD 1.5. No LoRA: the dual-path processors act as
     plain attention when they are given no per-call inputs.
     """
     dtype = next(unet.parameters()).dtype
     z_t = z_t.to(dtype)
-    ctx = empty_emb.to(dtype).expand(z_t.shape[0], -1, -1)  # (B, 77, D)
+    ctx = empty_emb.to(dtype).expand(z_t.shape[0], -1, -1)  # (N, 77, D)
     t = t.expand(z_t.shape[0]) if t.dim() == 1 and t.shape[0] == 1 else t
-    emb = unet.time_embedding(unet.time_proj(t).to(dtype))  # (B, time_dim)
+    emb = unet.time_embedding(unet.time_proj(t).to(dtype))  # (N, time_dim)
     h = unet.conv_in(z_t)
     for block in unet.down_blocks:
         if getattr(block, "has_cross_attention", False):
@@ -563,8 +563,8 @@ class TuningEncoder(nn.Module):
     forward(clip_map, unet_map) takes the two frozen backbones' last-layer maps
     (see clip_spatial_features / unet_encoder_features, or `encode` below which runs them) and
     returns
-        v      (B, token_dim)                   the word embedding v* (token embedder head)
-        lora   {name: (A (B, D_in, r), B (B, r, D_out))} for each q/k/v projection (Eq. 2)
+        v      (N, token_dim)                   the word embedding v* (token embedder head)
+        lora   {name: (A (N, D_in, r), B (N, r, D_out))} for each q/k/v projection (Eq. 2)
     The frozen backbones are not submodules, so state_dict(), the optimizer and DDP only ever
     see trainable weights.
     """
@@ -632,12 +632,12 @@ class TuningEncoder(nn.Module):
     def forward(self, clip_map: torch.Tensor, unet_map: torch.Tensor):
         p = next(self.parameters())
         clip_map, unet_map = clip_map.to(p.dtype), unet_map.to(p.dtype)
-        x_u = self.unet_proj(unet_map)  # (B, w, 8, 8)
+        x_u = self.unet_proj(unet_map)  # (N, w, 8, 8)
         x_c = F.interpolate(self.clip_proj(clip_map), size=x_u.shape[-2:], mode="bilinear", align_corners=False)
-        x = self.fuse_blocks(self.fuse_in(torch.cat([x_c, x_u], dim=1)))  # (B, w, 8, 8)
-        h = self.to_feature(x.mean(dim=(2, 3)))  # global average pool -> (B, d)
+        x = self.fuse_blocks(self.fuse_in(torch.cat([x_c, x_u], dim=1)))  # (N, w, 8, 8)
+        h = self.to_feature(x.mean(dim=(2, 3)))  # global average pool -> (N, d)
 
-        v = self.token_head(h)  # (B, token_dim)
+        v = self.token_head(h)  # (N, token_dim)
         if not self.hypernet:
             return v, {}
 
@@ -755,8 +755,8 @@ def empty_prompt_embeds(comps: Components) -> torch.Tensor:
 
 def encode(encoder: TuningEncoder, comps: Components, clip_image, z_t, t):
     """The whole encoder E(I_c, z_t, t): frozen backbones (no_grad) then the trainable part."""
-    clip_map = clip_spatial_features(comps.image_encoder, clip_image)  # (B, 1280, 16, 16)
-    unet_map = unet_encoder_features(comps.unet, z_t, t, empty_prompt_embeds(comps))  # (B, 1280, 8, 8)
+    clip_map = clip_spatial_features(comps.image_encoder, clip_image)  # (N, 1280, 16, 16)
+    unet_map = unet_encoder_features(comps.unet, z_t, t, empty_prompt_embeds(comps))  # (N, 1280, 8, 8)
     return encoder(clip_map, unet_map)
 
 
@@ -766,7 +766,7 @@ def encode(encoder: TuningEncoder, comps: Components, clip_image, z_t, t):
 
 @torch.no_grad()
 def vae_latents(vae, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, 3, R, R) in [-1, 1] -> scaled latents (B, 4, R/8, R/8), a sample of the posterior."""
+    """(N, 3, R, R) in [-1, 1] -> scaled latents (N, 4, R/8, R/8), a sample of the posterior."""
     dist = vae.encode(images.to(next(vae.parameters()).dtype)).latent_dist
     return dist.sample(generator=generator) * vae.config.scaling_factor
 
@@ -907,4 +907,4 @@ def encode_concept_prompts(text_encoder, tokenizer, concept: dict, prompts: list
     ph = concept["placeholder"]
     C = encode_prompt(text_encoder, tokenizer, prompts, v_star=concept["v_star"].to(device)[None], placeholder=ph)
     C_h = encode_prompt(text_encoder, tokenizer, prompts, hard_ids=torch.tensor([concept["token_id"]]), placeholder=ph)
-    return C, C_h  # (B, 77, D) each
+    return C, C_h  # (N, 77, D) each

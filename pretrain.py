@@ -124,14 +124,14 @@ def gather_negatives(v: torch.Tensor, world: int, rank: int):
 
     The gather is autograd-aware: each rank's loss also pushes the *other* ranks' v' away, and
     that gradient travels back to the rank that made v'. With a plain (detached) all_gather each
-    v* would be pushed by the B-1 images of its own rank only, and 8 GPUs x 16 images would
-    train a different loss than one GPU x 128. With this one, N ranks x B images give the same
-    encoder gradient as one process x N*B (DDP averages, the loss is a mean over images).
+    v* would be pushed by the N-1 images of its own rank only, and 8 GPUs x 16 images would
+    train a different loss than one GPU x 128. With this one, W ranks x N images give the same
+    encoder gradient as one process x W*N (DDP averages, the loss is a mean over images).
     """
     if world == 1:
         return None
-    parts = AllGatherWithGrad.apply(v)  # (world, B, D)
-    return torch.cat([p for i, p in enumerate(parts) if i != rank])  # ((world-1) B, D)
+    parts = AllGatherWithGrad.apply(v)  # (world, N, D)
+    return torch.cat([p for i, p in enumerate(parts) if i != rank])  # ((world-1) N, D)
 
 
 class AllGatherWithGrad(torch.autograd.Function):
@@ -139,13 +139,13 @@ class AllGatherWithGrad(torch.autograd.Function):
     sent to its v (summed with an all_reduce), instead of none."""
 
     @staticmethod
-    def forward(ctx, v):  # v (B, D) -> (world, B, D)
+    def forward(ctx, v):  # v (N, D) -> (world, N, D)
         parts = [torch.empty_like(v) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, v.contiguous())
         return torch.stack(parts)
 
     @staticmethod
-    def backward(ctx, grad):  # grad (world, B, D): this rank's loss w.r.t. every rank's v
+    def backward(ctx, grad):  # grad (world, N, D): this rank's loss w.r.t. every rank's v
         grad = grad.contiguous()
         dist.all_reduce(grad)  # + what the other ranks' losses sent
         return grad[dist.get_rank()]
@@ -168,7 +168,11 @@ def embedding_terms(cfg: Config, v: torch.Tensor, token_table: torch.Tensor, wor
 
 
 def step_seed(cfg: Config, step: int, rank: int) -> int:
-    """Per-step, per-rank seed for noise, t and prompts: a resumed run replays them exactly."""
+    """Per-step, per-rank seed for noise, t and prompts: a resumed run replays them exactly.
+
+    Distinct for every (seed, step, rank): 1_000_003 (a prime above any step count) keeps the
+    steps of different --seed values apart, x 1024 leaves room for 1024 ranks, and the mask keeps
+    the result a non-negative 47-bit integer, which torch.Generator.manual_seed accepts."""
     return ((cfg.seed * 1_000_003 + step) * 1_024 + rank) & 0x7FFFFFFFFFFF
 
 
@@ -177,10 +181,10 @@ def pretrain_losses(cfg: Config, comps, encoder, batch, seed: int, world: int = 
     device = comps.token_table.device
     g = torch.Generator(device).manual_seed(seed)
     images, clip_images = batch["vae"].to(device), batch["clip"].to(device)
-    z0 = model.vae_latents(comps.vae, images, g).float()  # (B, 4, R/8, R/8)
+    z0 = model.vae_latents(comps.vae, images, g).float()  # (N, 4, R/8, R/8)
     z_t, t, _, target = model.noisy_latents(comps.noise_scheduler, z0, g)
     with model.autocast(device):  # E(I_c, z_t, t): both backbones, then the trainable part
-        v, lora = model.encode(encoder, comps, clip_images, z_t, t)  # (B, D), {name: (A, B)}
+        v, lora = model.encode(encoder, comps, clip_images, z_t, t)  # (N, D), {name: (A, B)}
     prompts = data_lib.make_prompts(len(v), random.Random(seed))
     pred = model.dual_path_prediction(comps, z_t, t, prompts, v, lora, cfg.alpha_blend)  # Eq. (5)
 
