@@ -121,28 +121,7 @@ class DualPathAttnProcessor:
                 ctx = attn.norm_encoder_hidden_states(ctx)
                 ctx_h = attn.norm_encoder_hidden_states(ctx_h) if ctx_h is not None else None
 
-        lq = lk = lv = None
-        if lora is not None:
-            lq, lk, lv = (lora.get(f"{self.name}.{p}") for p in LORA_PROJECTIONS)
-
-        run_soft, run_hard = alpha > 0, alpha < 1
-        if run_soft and not run_hard:  # alpha = 1: single LoRA path, no extra compute
-            q = lora_linear(hidden_states, attn.to_q, lq, lora_scale)
-            k = lora_linear(ctx, attn.to_k, lk, lora_scale)
-            v = lora_linear(ctx, attn.to_v, lv, lora_scale)
-        elif run_hard and not run_soft:  # alpha = 0: vanilla weights with C_h
-            q, k, v = attn.to_q(hidden_states), attn.to_k(ctx_h), attn.to_v(ctx_h)
-        else:
-            q_h = attn.to_q(hidden_states)  # shared: f W_q
-            q_s = add_lora(q_h, hidden_states, lq, lora_scale)
-            if self_attn:  # shared: f W_k, f W_v
-                k_h, v_h = attn.to_k(ctx), attn.to_v(ctx)
-                k_s, v_s = add_lora(k_h, ctx, lk, lora_scale), add_lora(v_h, ctx, lv, lora_scale)
-            else:
-                k_s, v_s = lora_linear(ctx, attn.to_k, lk, lora_scale), lora_linear(ctx, attn.to_v, lv, lora_scale)
-                k_h, v_h = attn.to_k(ctx_h), attn.to_v(ctx_h)
-            # One attention call on the doubled batch [soft; hard].
-            q, k, v = torch.cat([q_s, q_h]), torch.cat([k_s, k_h]), torch.cat([v_s, v_h])
+        q, k, v = self._queries_keys_values(attn, hidden_states, ctx, ctx_h, self_attn, lora, alpha, lora_scale)
 
         M = q.shape[0]  # N, or 2N for the doubled batch
         if attention_mask is not None:
@@ -166,6 +145,27 @@ class DualPathAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _queries_keys_values(self, attn, f, ctx, ctx_h, self_attn: bool, lora, alpha: float, lora_scale: float):
+        """q, k, v of the path(s) alpha asks for: the soft path (C, W + s A B) and/or the hard path
+        (C_h, W). For 0 < alpha < 1 both, stacked on a doubled batch [soft; hard]."""
+        lq = lk = lv = None
+        if lora is not None:
+            lq, lk, lv = (lora.get(f"{self.name}.{p}") for p in LORA_PROJECTIONS)
+        if alpha >= 1:  # the soft path alone: plain per-sample LoRA, no extra compute
+            return (lora_linear(f, attn.to_q, lq, lora_scale), lora_linear(ctx, attn.to_k, lk, lora_scale),
+                    lora_linear(ctx, attn.to_v, lv, lora_scale))
+        if alpha <= 0:  # the hard path alone: the vanilla weights with C_h
+            return attn.to_q(f), attn.to_k(ctx_h), attn.to_v(ctx_h)
+        q_h = attn.to_q(f)  # shared: f W_q
+        q_s = add_lora(q_h, f, lq, lora_scale)
+        if self_attn:  # shared: f W_k, f W_v
+            k_h, v_h = attn.to_k(ctx), attn.to_v(ctx)
+            k_s, v_s = add_lora(k_h, ctx, lk, lora_scale), add_lora(v_h, ctx, lv, lora_scale)
+        else:
+            k_s, v_s = lora_linear(ctx, attn.to_k, lk, lora_scale), lora_linear(ctx, attn.to_v, lv, lora_scale)
+            k_h, v_h = attn.to_k(ctx_h), attn.to_v(ctx_h)
+        return torch.cat([q_s, q_h]), torch.cat([k_s, k_h]), torch.cat([v_s, v_h])  # one attention call for both
 
 
 def install_dual_path(unet) -> list[str]:
