@@ -100,7 +100,8 @@ def load_image(path: str, box=None) -> Image.Image:
     if box is not None:
         x0, x1, y0, y1 = box
         w, h = im.size
-        crop = (int(x0 * w), int(y0 * h), max(int(x0 * w) + 1, math.ceil(x1 * w)), max(int(y0 * h) + 1, math.ceil(y1 * h)))
+        left, top = int(x0 * w), int(y0 * h)
+        crop = (left, top, max(left + 1, math.ceil(x1 * w)), max(top + 1, math.ceil(y1 * h)))  # >= 1 px
         im = im.crop(crop)
     return im
 

@@ -70,7 +70,8 @@ def dual_path_kwargs(lora=None, hard_encoder_hidden_states=None, alpha: float = 
     lora: {module path of a projection: (A, B)}; hard_encoder_hidden_states: C_h (N, 77, D),
     needed whenever alpha < 1; alpha: alpha_blend of Eq. (5); lora_scale: s of Eq. (2).
     """
-    return dict(lora=lora, hard_encoder_hidden_states=hard_encoder_hidden_states, alpha=float(alpha), lora_scale=float(lora_scale))
+    return dict(lora=lora, hard_encoder_hidden_states=hard_encoder_hidden_states, alpha=float(alpha),
+                lora_scale=float(lora_scale))
 
 
 class DualPathAttnProcessor:

@@ -85,7 +85,7 @@ class Config:
     encoder: str = "runs/pretrain/encoder.pt"  # pretrain.py checkpoint, or "random"
     no_hypernet_encoder: str | None = None  # pretrain.py --no-hypernet checkpoint, for the no_hypernet variant
     preset: str | None = None  # default: the one recorded in the encoder checkpoint
-    variants: str = ",".join(DEFAULT_VARIANTS)  # comma list from: full, no_tuning, no_dual_path, no_hypernet, lora_from_zero, textual_inversion, lora; or "paper" (all)
+    variants: str = ",".join(DEFAULT_VARIANTS)  # comma list of variants (listed below), or "paper" for all seven
     num_images: int = 4  # generated images per prompt
     steps: int = 50  # DDIM sampling steps
     guidance: float = 7.5  # classifier-free guidance scale
@@ -101,7 +101,7 @@ class Config:
     device: str | None = None  # default: cuda if available, else cpu
     base: str = model.SD15_BASE  # sd15: SD 1.5 hub id or local folder
     clip: str = model.SD15_CLIP[1]  # sd15: open_clip tag or local file for ViT-H-14
-    eval_clip: str = "openai"  # metric CLIP: sd15: ViT-B-16 tag or a file of the OpenAI weights; toy: default runs/toyworld/clip-b
+    eval_clip: str = "openai"  # metric CLIP: sd15: a ViT-B-16 tag or OpenAI weights file; toy: runs/toyworld/clip-b
 
 
 UserError = cmdline.UserError  # bad input: one line on stderr, exit code 2
@@ -109,7 +109,8 @@ UserError = cmdline.UserError  # bad input: one line on stderr, exit code 2
 
 def parse_args(argv=None) -> Config:
     p = cmdline.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=("images",),
-                            choices={"preset": model.PRESETS})
+                              choices={"preset": model.PRESETS})
+    p.epilog = "variants: " + ", ".join(VARIANTS)
     return Config(**vars(p.parse_args(argv)))
 
 
@@ -289,7 +290,8 @@ def check_inputs(cfg: Config):
     if folders:
         print(f"evaluate.py: note: sub-folders of --images are not searched ({', '.join(folders[:3])}"
               f"{' ...' if len(folders) > 3 else ''}): one concept is one image file in {cfg.images}", file=sys.stderr)
-    variants = list(VARIANTS) if cfg.variants.strip() == "paper" else [v.strip() for v in cfg.variants.split(",") if v.strip()]
+    names = [v.strip() for v in cfg.variants.split(",") if v.strip()]
+    variants = list(VARIANTS) if cfg.variants.strip() == "paper" else names
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         raise UserError(f"--variants: unknown {unknown or cfg.variants!r}; choose from {', '.join(VARIANTS)} or paper")

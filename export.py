@@ -66,7 +66,8 @@ def parse_args(argv=None) -> Config:
 def lora_matrices(concept: dict) -> dict:
     """{module path: (down (r, D_in), up (D_out, r))} with Delta W_linear = up @ down."""
     s = float(concept["lora_scale"])
-    return {name: (A.T.contiguous(), (s * concept["lora_B"][name]).T.contiguous()) for name, A in concept["lora_A"].items()}
+    return {name: (A.T.contiguous(), (s * concept["lora_B"][name]).T.contiguous())
+            for name, A in concept["lora_A"].items()}
 
 
 def diffusers_lora(concept: dict) -> dict:
@@ -97,7 +98,8 @@ def metadata(concept: dict, token: str, fmt: str) -> dict:
     rank = int(concept["rank"])
     meta = {"format": "pt", "project": PROJECT, "export_format": fmt, "base_model": concept.get("base") or "",
             "preset": concept["preset"], "rank": str(rank), "lora_scale_folded_into_up": str(concept["lora_scale"]),
-            "token": token, "nearest_real_token": concept["token"], "alpha_blend_when_tuned": str(concept["alpha_blend"]),
+            "token": token, "nearest_real_token": concept["token"],
+            "alpha_blend_when_tuned": str(concept["alpha_blend"]),
             "tuning": json.dumps(concept.get("tuning", {}), default=str),
             "note": "alpha = 1 export: the LoRA and v*; the dual path of Eq. (5) is not representable"}
     if fmt == "kohya":  # the fields kohya's scripts write, which AUTOMATIC1111 and ComfyUI display
@@ -169,7 +171,8 @@ def main(cfg: Config):
         raise UserError(f"--out {cfg.out} is not empty; pass --force to write into it")
     token = check_token(cfg.token or f"<{os.path.splitext(os.path.basename(cfg.concept))[0]}>", model.build_tokenizer())
     if not concept["lora_A"]:
-        print("export.py: note: this concept has no LoRA (textual inversion): the LoRA files are empty", file=sys.stderr)
+        print("export.py: note: this concept has no LoRA (textual inversion): the LoRA files are empty",
+              file=sys.stderr)
 
     # 2) Write.
     names = export(concept, cfg.out, formats, token, cfg.force)

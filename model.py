@@ -82,7 +82,8 @@ PRESET_CONFIGS = {
     ),
     # toyworld.py's trained models: 32 px pictures, a 64-wide text encoder, 32 px CLIPs.
     "toy": PresetConfig(
-        "toy", resolution=32, clip_size=32, token_dim=64, fusion_width=64, feature_dim=128, layer_code_dim=16, lora_rank=4
+        "toy", resolution=32, clip_size=32, token_dim=64, fusion_width=64, feature_dim=128, layer_code_dim=16,
+        lora_rank=4
     ),
 }
 
@@ -209,8 +210,9 @@ class _weights_error:
             return False
         reason = (str(err).strip().splitlines() or [kind.__name__])[0][:160]
         what = {"--base": "the UNet / VAE / text encoder", "--clip": "the CLIP image encoder"}[self.flag]
+        copy = "a diffusers SD 1.5 folder" if self.flag == "--base" else "an open_clip ViT-H-14 file"
         hint = ("run toyworld.py first, or pass the folders it wrote" if self.preset == "toy" else
-                f"pass {self.flag} with a local copy ({'a diffusers SD 1.5 folder' if self.flag == '--base' else 'an open_clip ViT-H-14 file'}), "
+                f"pass {self.flag} with a local copy ({copy}), "
                 f"check the network, or use --preset tiny for the offline smoke run")
         raise WeightsUnavailable(f"cannot load {what} of preset {self.preset} from {self.flag} {self.where} "
                         f"({kind.__name__}: {reason}); {hint}") from None
@@ -334,7 +336,8 @@ def _build_random(preset: str, device, with_image_encoder: bool = True) -> dict:
         image_encoder = VisionTransformer(
             image_size=224, patch_size=32, width=64, layers=2, heads=4, mlp_ratio=2.0, output_dim=32
         )
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, image_encoder=image_encoder if with_image_encoder else None)
+    image_encoder = image_encoder if with_image_encoder else None
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, image_encoder=image_encoder)
 
 
 def load_components(
@@ -393,8 +396,8 @@ def load_components(
         dlogging.set_verbosity(verbosity)
     if parts["image_encoder"] is not None:
         parts["image_encoder"].output_tokens = True  # forward -> (pooled, patch tokens)
-    comps = Components(preset=preset, cfg=cfg, tokenizer=tokenizer, noise_scheduler=scheduler, base=base, clip=clip, **parts)
-    return comps
+    return Components(preset=preset, cfg=cfg, tokenizer=tokenizer, noise_scheduler=scheduler, base=base, clip=clip,
+                      **parts)
 
 
 # ----------------------------------------------------------------------------------------
@@ -687,7 +690,8 @@ def encoder_checkpoint(encoder: TuningEncoder, comps: Components, step: int, **e
         "encoder": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
         "layer_names": list(encoder.layer_names),
         "layer_shapes": [list(s) for s in encoder.layer_shapes],
-        "encoder_dims": {"clip_channels": encoder.clip_proj.in_channels, "unet_channels": encoder.unet_proj.in_channels},
+        "encoder_dims": {"clip_channels": encoder.clip_proj.in_channels,
+                         "unet_channels": encoder.unet_proj.in_channels},
         **extra,
     }
 
@@ -697,7 +701,8 @@ def load_encoder_checkpoint(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or one holding arbitrary objects
-        raise ValueError(f"{path} is not an encoder checkpoint written by pretrain.py ({e.__class__.__name__})") from None
+        raise ValueError(f"{path} is not an encoder checkpoint written by pretrain.py "
+                         f"({e.__class__.__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != ENCODER_FORMAT:
         raise ValueError(f"{path} is not an encoder checkpoint written by pretrain.py")
     return ckpt
@@ -775,7 +780,8 @@ def noisy_latents(scheduler, z0: torch.Tensor, generator: torch.Generator | None
     """Forward diffusion: (z_t, t, eps, target). target = eps for SD 1.5 (Eq. 1); v for v-models."""
     noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
     if t is None:
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), generator=generator, device=z0.device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), generator=generator,
+                          device=z0.device)
     z_t = scheduler.add_noise(z0, noise, t)
     target = scheduler.get_velocity(z0, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
     return z_t, t, noise, target
@@ -794,7 +800,8 @@ def autocast(device):
     where bf16 is missing; see frozen_dtype), on CPU none (fp32)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
-    return torch.autocast("cuda" if cuda else "cpu", dtype=frozen_dtype(device) if cuda else torch.bfloat16, enabled=cuda)
+    dtype = frozen_dtype(device) if cuda else torch.bfloat16  # (unused on CPU: enabled=False)
+    return torch.autocast("cuda" if cuda else "cpu", dtype=dtype, enabled=cuda)
 
 
 def dual_path_prediction(comps: Components, z_t: torch.Tensor, t: torch.Tensor, prompts: list[str],
@@ -807,9 +814,11 @@ def dual_path_prediction(comps: Components, z_t: torch.Tensor, t: torch.Tensor, 
     """
     with autocast(z_t.device):
         if alpha < 1:  # C with v*, C_h with its nearest real token v_h, both (N, 77, D)
-            C, C_h, _ = encode_soft_and_hard(comps.text_encoder, comps.tokenizer, prompts, v, comps.token_table, placeholder)
+            C, C_h, _ = encode_soft_and_hard(comps.text_encoder, comps.tokenizer, prompts, v, comps.token_table,
+                                             placeholder)
         else:  # alpha = 1 runs the soft path alone: no C_h needed
-            C, C_h = encode_prompt(comps.text_encoder, comps.tokenizer, prompts, v_star=v, placeholder=placeholder), None
+            C = encode_prompt(comps.text_encoder, comps.tokenizer, prompts, v_star=v, placeholder=placeholder)
+            C_h = None
         kw = dualpath.dual_path_kwargs(lora, C_h, alpha=alpha, lora_scale=comps.cfg.lora_scale)
         return comps.unet(z_t, t, encoder_hidden_states=C, cross_attention_kwargs=kw).sample  # Eq. (5)
 

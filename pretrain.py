@@ -60,7 +60,7 @@ class Config:
     seed: int = 0  # fixes every random choice (noise, t, prompts, augmentation, initialisation)
     grad_checkpointing: bool = False  # trade compute for memory in the UNet
     alpha_blend: float = 0.25  # Eq. (5) alpha during pre-training (as in tuning, Sec. 5.1)
-    embedding_reg: str = "contrastive"  # Sec. 5.2: contrastive = Eq. (3)+(4) | nearest-cosine (+ Eq. 4) | l2 = Eq. (4) | none
+    embedding_reg: str = "contrastive"  # Sec. 5.2: contrastive = Eq. 3 + 4, nearest-cosine (+ Eq. 4), l2 = Eq. 4, none
     hypernet: bool = True  # --no-hypernet: token head only, no predicted LoRA (Sec. 5.4 ablation)
     # Loss weights and Eq. (3) settings. The paper gives no values; these are ours.
     lambda_contrastive: float = 0.01  # Eq. (3)
@@ -80,7 +80,7 @@ class Config:
 
 def parse_args(argv=None) -> Config:
     p = cmdline.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=(),
-                            choices={"preset": model.PRESETS, "embedding_reg": EMBEDDING_REGS})
+                              choices={"preset": model.PRESETS, "embedding_reg": EMBEDDING_REGS})
     return Config(**vars(p.parse_args(argv)))
 
 
@@ -93,7 +93,8 @@ def check_config(cfg: Config):
         if val <= 0:
             raise cmdline.UserError(f"{flag} must be positive, got {val}")
     if cfg.embedding_reg not in EMBEDDING_REGS:
-        raise cmdline.UserError(f"--embedding-reg must be one of {', '.join(EMBEDDING_REGS)}, got {cfg.embedding_reg!r}")
+        raise cmdline.UserError(f"--embedding-reg must be one of {', '.join(EMBEDDING_REGS)}, "
+                                f"got {cfg.embedding_reg!r}")
     if cfg.data not in (None, data_lib.SYNTHETIC) and not os.path.isdir(cfg.data):
         raise cmdline.UserError(f"--data: no such folder: {cfg.data}")
     if cfg.openimages is not None and not os.path.isdir(cfg.openimages):
@@ -235,7 +236,8 @@ def validate(cfg: Config, comps, encoder, val: dict, step: int, out_dir: str) ->
     gaps = [s - m for s, m in zip(swapped, matched)]
     mean = sum(gaps) / n
     se = (sum((x - mean) ** 2 for x in gaps) / max(1, n - 1) / n) ** 0.5
-    dw = [sum(losses.hyperweight_l2(A, B) for A, B in lora.values()).sqrt().item() if lora else 0.0 for _, lora in concepts]
+    dw = [sum(losses.hyperweight_l2(A, B) for A, B in lora.values()).sqrt().item() if lora else 0.0
+          for _, lora in concepts]  # ||Delta W||_F over all layers
     rec = {"event": "val", "step": step, "matched": sum(matched) / n, "swapped": sum(swapped) / n, "gap": mean,
            "gap_se": se, "v_norm": sum(v.norm().item() for v, _ in concepts) / n, "delta_w_norm": sum(dw) / n, "n": n}
     _reconstruction_grid(cfg, comps, concepts, val, os.path.join(out_dir, "val", f"step_{step:07d}.png"))

@@ -57,7 +57,7 @@ UserError = cmdline.UserError  # bad input: one line on stderr, exit code 2
 
 def parse_args(argv=None) -> Config:
     p = cmdline.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=("prompt",),
-                            choices={"preset": model.PRESETS})
+                              choices={"preset": model.PRESETS})
     return Config(**vars(p.parse_args(argv)))
 
 
@@ -97,7 +97,8 @@ def generate(pipe, comps, concept: dict | None, prompt: str, negative_prompt: st
     alpha = concept["alpha_blend"] if alpha_blend is None else alpha_blend
     kw = dualpath.dual_path_kwargs(model.concept_lora(concept, device, dtype), hard.to(dtype), alpha=alpha,
                                    lora_scale=concept["lora_scale"])
-    return pipe(prompt_embeds=C.to(dtype), negative_prompt_embeds=neg.to(dtype), cross_attention_kwargs=kw, **common).images
+    return pipe(prompt_embeds=C.to(dtype), negative_prompt_embeds=neg.to(dtype), cross_attention_kwargs=kw,
+                **common).images
 
 
 def generate_in_batches(pipe, comps, concept, prompt: str, args: dict, num_images: int, batch: int, seed: int, device,
@@ -159,7 +160,8 @@ def load_concept_checked(cfg: Config):
     if cfg.concept.lower() == "none":
         return None, cfg.preset or "sd15"
     if not os.path.isfile(cfg.concept):
-        raise UserError(f"no concept file at {cfg.concept}; make one with `python tune.py --image IMG --out {cfg.concept}`")
+        raise UserError(f"no concept file at {cfg.concept}; "
+                        f"make one with `python tune.py --image IMG --out {cfg.concept}`")
     try:
         concept = model.load_concept(cfg.concept)
     except ValueError as e:
@@ -178,7 +180,8 @@ def main(cfg: Config):
     check_config(cfg)
     concept, preset = load_concept_checked(cfg)
     try:  # a placeholder past the 75 tokens the text encoder reads is an error, not a silent cut
-        model.tokenize_with_placeholder(model.build_tokenizer(), [cfg.prompt], (concept or {}).get("placeholder", model.PLACEHOLDER))
+        placeholder = concept["placeholder"] if concept else model.PLACEHOLDER
+        model.tokenize_with_placeholder(model.build_tokenizer(), [cfg.prompt], placeholder)
     except model.PromptTooLong as e:
         raise UserError(str(e)) from None
     if concept is not None and concept["placeholder"] not in cfg.prompt:
@@ -188,7 +191,8 @@ def main(cfg: Config):
     base = cfg.base or (concept or {}).get("base") or None
 
     # 2) Frozen parts (no image tower needed), dual-path processors, the pipeline.
-    comps = model.load_components(preset, device=device, dtype=model.frozen_dtype(device), base=base, with_image_encoder=False)
+    comps = model.load_components(preset, device=device, dtype=model.frozen_dtype(device), base=base,
+                                  with_image_encoder=False)
     names = dualpath.install_dual_path(comps.unet)
     if concept is not None and set(concept["lora_A"]) - set(names):
         raise UserError(f"{cfg.concept} does not match this UNet's attention layers")
@@ -197,7 +201,8 @@ def main(cfg: Config):
     if cfg.compile:
         mode = "reduce-overhead" if device.type == "cuda" else None
         pipe.unet = torch.compile(comps.unet, mode=mode)
-    args = dict(negative_prompt=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance, alpha_blend=cfg.alpha_blend)
+    args = dict(negative_prompt=cfg.negative_prompt, steps=cfg.steps, guidance=cfg.guidance,
+                alpha_blend=cfg.alpha_blend)
     batch = min(cfg.batch_size, cfg.num_images)
     if cfg.compile:  # warm-up (compilation, CUDA-graph warm-up and capture) is not counted
         generate(pipe, comps, concept, cfg.prompt, **{**args, "steps": 3}, num_images=batch, seed=cfg.seed)
@@ -213,8 +218,12 @@ def main(cfg: Config):
             save_png(im, os.path.join(cfg.out, f"{stem}_{first + i:02d}.png"))
 
     with tqdm(total=cfg.num_images, desc="images", dynamic_ncols=True, disable=cfg.num_images < 2) as bar:
+        def on_batch(first, done):
+            save(first, done)
+            bar.update(len(done))
+
         images, seconds = generate_in_batches(pipe, comps, concept, cfg.prompt, args, cfg.num_images, batch, cfg.seed,
-                                              device, on_batch=lambda first, done: (save(first, done), bar.update(len(done))))
+                                              device, on_batch=on_batch)
     s_per_image = seconds / cfg.num_images
     save_png(grid(images), os.path.join(cfg.out, f"{stem}_grid.png"))
     print(f"wrote {len(images)} images and {stem}_grid.png to {cfg.out}/ ({s_per_image:.3f} s/image, "

@@ -98,7 +98,8 @@ def eval_instances(n: int) -> list[Instance]:
     while len(out) < n:
         inst = make_instance(seed)
         seed += 1
-        if inst.cls == CLASSES[len(out) % len(CLASSES)] and (inst.cls, inst.pattern, inst.colour1, inst.colour2) not in train:
+        unseen = (inst.cls, inst.pattern, inst.colour1, inst.colour2) not in train
+        if inst.cls == CLASSES[len(out) % len(CLASSES)] and unseen:
             out.append(inst)
     return out
 
@@ -155,7 +156,8 @@ def _pattern(inst: Instance, size: int) -> Image.Image:
     return im.crop((o, o, o + size, o + size))
 
 
-def render(inst: Instance, background: str, obj_size: str, rng: random.Random | None = None, size: int = SIZE) -> Image.Image:
+def render(inst: Instance, background: str, obj_size: str, rng: random.Random | None = None,
+           size: int = SIZE) -> Image.Image:
     """One picture: the instance, small or large, on a background; where it sits (never named)
     and the exact size come from rng."""
     s = 4 * size  # drawn at 4x, then downsampled (anti-aliasing)
@@ -353,7 +355,8 @@ def stage_clip(name: str, out: str, steps: int, batch: int, seed: int):
     with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
         json.dump({"model_cfg": cfg, "preprocess_cfg": {"mean": list(model.CLIP_MEAN), "std": list(model.CLIP_STD)}},
                   f, indent=2)
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, os.path.join(folder, "open_clip_model.safetensors"))
+    weights = {k: v.contiguous() for k, v in clip.state_dict().items()}
+    save_file(weights, os.path.join(folder, "open_clip_model.safetensors"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -457,7 +460,8 @@ def competence(out: str, n_prompts: int = 60, steps: int = 25, seed: int = 0, de
                               seed=seed + k)[0]
         feats = metric.image_features([img])
         for factor, options, truth in (("background", sorted(BACKGROUNDS), bg), ("size", list(SIZES), obj_size)):
-            texts = [t2i_caption(cls, o, obj_size) if factor == "background" else t2i_caption(cls, bg, o) for o in options]
+            texts = [t2i_caption(cls, o, obj_size) if factor == "background" else t2i_caption(cls, bg, o)
+                     for o in options]
             pick = options[int((feats @ metric.text_features(texts).T).argmax())]
             correct[factor].append(float(pick == truth))
 

@@ -61,7 +61,7 @@ UserError = cmdline.UserError  # bad input: one line on stderr, exit code 2
 
 def parse_args(argv=None) -> Config:
     p = cmdline.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=("image",),
-                            choices={"preset": model.PRESETS})
+                              choices={"preset": model.PRESETS})
     return Config(**vars(p.parse_args(argv)))
 
 
@@ -83,7 +83,8 @@ def check_config(cfg: Config):
 def load_encoder_checkpoint(cfg: Config, prog: str = "tune.py"):
     """(checkpoint or None for 'random', preset) -- with one-line errors for the usual mistakes."""
     if cfg.encoder == "random":
-        print(f"{prog}: warning: --encoder random: an untrained encoder (smoke runs and ablations only)", file=sys.stderr)
+        print(f"{prog}: warning: --encoder random: an untrained encoder (smoke runs and ablations only)",
+              file=sys.stderr)
         return None, cfg.preset or "sd15"
     if not os.path.isfile(cfg.encoder):
         raise UserError(f"no encoder checkpoint at {cfg.encoder}; train one with `python pretrain.py --data DIR "
@@ -104,7 +105,8 @@ def describe_encoder(ckpt) -> str:
     if ckpt is None:
         return "encoder: random (untrained)"
     c = ckpt.get("config", {})
-    return (f"encoder: {ckpt['step']} pre-training steps, embedding regulariser {c.get('embedding_reg', 'contrastive')}, "
+    reg = c.get("embedding_reg", "contrastive")
+    return (f"encoder: {ckpt['step']} pre-training steps, embedding regulariser {reg}, "
             f"hypernetwork {'yes' if ckpt.get('hypernet', True) else 'no (Sec. 5.4 ablation)'}")
 
 
@@ -135,7 +137,8 @@ def view_latents(comps, image, n: int, seed: int, augment: bool = True, chunk: i
     """VAE latents of n views of one image (augmented with views seeded by `seed`), computed once."""
     device = comps.token_table.device
     rng = random.Random(seed)
-    views = [data_lib.make_views(image, comps.cfg.resolution, comps.cfg.clip_size, rng if augment else None)[0] for _ in range(n)]
+    res, clip_size = comps.cfg.resolution, comps.cfg.clip_size
+    views = [data_lib.make_views(image, res, clip_size, rng if augment else None)[0] for _ in range(n)]
     g = torch.Generator(device).manual_seed(seed)
     out = [model.vae_latents(comps.vae, torch.stack(views[i : i + chunk]).to(device), g) for i in range(0, n, chunk)]
     return torch.cat(out).float()  # (n, 4, R/8, R/8)
@@ -190,7 +193,8 @@ def optimise(comps, latents, v0, lora0, *, steps: int, lr_v: float, lr_lora: flo
             log(f"step {step + 1}/{steps}  loss {step_losses[-1]:.5f}  (Eq. 1: {diff.item():.5f})")
             bar.update(1)
     cmdline.sync(device)
-    return v.detach(), {k: (A.detach(), B.detach()) for k, (A, B) in lora.items()}, step_losses, time.perf_counter() - t0
+    lora = {k: (A.detach(), B.detach()) for k, (A, B) in lora.items()}
+    return v.detach(), lora, step_losses, time.perf_counter() - t0
 
 
 def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = False, log=print):
