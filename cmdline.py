@@ -8,6 +8,7 @@ atomic writes, and the command line built from a script's Config.
     resolve_device   --device, or cuda when there is one
     atomic_write     outputs are written to a temp file and renamed: never half-written
     config_parser    argparse from a @dataclass Config, each field's comment as its help
+    mean_se          mean and standard error, as every reported number has them
 """
 from __future__ import annotations
 
@@ -60,6 +61,14 @@ def run_cli(name: str, main, parse_args, argv=None) -> int:
     finally:
         warnings.showwarning = show
     return 0
+
+
+def mean_se(values: list[float]) -> dict:
+    """Mean and standard error of the mean (what every reported number carries)."""
+    n = len(values)
+    mean = sum(values) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else 0.0
+    return {"mean": mean, "se": se, "n": n}
 
 
 def check_output(path: str, kind: str, flag: str = "--out"):

@@ -30,7 +30,6 @@ import csv
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -202,14 +201,6 @@ def class_nouns(folder: str, files: list[str]) -> dict[str, str]:
         m = re.match(r"[A-Za-z]+", os.path.splitext(f)[0])
         nouns[f] = table.get(f) or (m.group(0).lower() if m else "object")
     return nouns
-
-
-def mean_se(values: list[float]) -> dict:
-    """Mean and standard error of the mean."""
-    n = len(values)
-    mean = sum(values) / n
-    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else 0.0
-    return {"mean": mean, "se": se, "n": n}
 
 
 def variant_config(cfg: Config, variant: str, image_path: str) -> tune.Config:
@@ -504,9 +495,9 @@ def main(cfg: Config):
     summary = {}
     for variant, concepts in results.items():
         cells = [r for c in concepts.values() for r in c["prompts"].values()]
-        summary[variant] = {"identity": mean_se([r["identity"] for r in cells]),
-                            "prompt": mean_se([r["prompt"] for r in cells]),
-                            "tune_s": mean_se([c["tune_s"] for c in concepts.values()])}
+        summary[variant] = {"identity": cmdline.mean_se([r["identity"] for r in cells]),
+                            "prompt": cmdline.mean_se([r["prompt"] for r in cells]),
+                            "tune_s": cmdline.mean_se([c["tune_s"] for c in concepts.values()])}
     report = {"preset": preset, "encoder": cfg.encoder, "config": dataclasses.asdict(cfg), "prompts": prompts,
               "metric_model": {"sd15": "ViT-B-16/" + cfg.eval_clip + " (QuickGELU)",
                                "sd15-arch": "ViT-B-16/random (QuickGELU)",

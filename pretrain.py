@@ -233,13 +233,11 @@ def validate(cfg: Config, comps, encoder, val: dict, step: int, out_dir: str) ->
             prompts = data_lib.make_prompts(len(z0), random.Random(i))
             pred = model.dual_path_prediction(comps, z_t, t, prompts, v, lora, cfg.alpha_blend)
             losses_.append(losses.diffusion_loss(pred, tgt).item())
-    gaps = [s - m for s, m in zip(swapped, matched)]
-    mean = sum(gaps) / n
-    se = (sum((x - mean) ** 2 for x in gaps) / max(1, n - 1) / n) ** 0.5
+    gap = cmdline.mean_se([s - m for s, m in zip(swapped, matched)])  # over the n held-out images
     dw = [sum(losses.hyperweight_l2(A, B) for A, B in lora.values()).sqrt().item() if lora else 0.0
           for _, lora in concepts]  # ||Delta W||_F over all layers
-    rec = {"event": "val", "step": step, "matched": sum(matched) / n, "swapped": sum(swapped) / n, "gap": mean,
-           "gap_se": se, "v_norm": sum(v.norm().item() for v, _ in concepts) / n, "delta_w_norm": sum(dw) / n, "n": n}
+    rec = {"event": "val", "step": step, "matched": sum(matched) / n, "swapped": sum(swapped) / n, "gap": gap["mean"],
+           "gap_se": gap["se"], "v_norm": sum(v.norm().item() for v, _ in concepts) / n, "delta_w_norm": sum(dw) / n, "n": n}
     _reconstruction_grid(cfg, comps, concepts, val, os.path.join(out_dir, "val", f"step_{step:07d}.png"))
     encoder.train()
     return rec

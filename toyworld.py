@@ -477,7 +477,7 @@ def competence(out: str, n_prompts: int = 60, steps: int = 25, seed: int = 0, de
         same.append(metric.identity(a, [b]))
         other.append(metric.identity(a, [c]))
     margins = [s - o for s, o in zip(same, other)]
-    mean_se = evaluate.mean_se
+    mean_se = cmdline.mean_se
     return {"prompt_following": {f: mean_se(v) for f, v in correct.items()},
             "identity": {"same_instance": mean_se(same), "other_instance_same_class": mean_se(other),
                          "margin": mean_se(margins)},

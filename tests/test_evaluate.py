@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cmdline
 import data
 import evaluate
 
@@ -76,7 +77,7 @@ def test_end_to_end_writes_metrics_table_plot_and_reuses_the_cache(tmp_path, mon
         cells = [c for concept in rep["variants"][variant].values() for c in concept["prompts"].values()]
         assert len(cells) == s["identity"]["n"] == s["prompt"]["n"] == 4
         for key in ("identity", "prompt"):
-            assert s[key] == pytest.approx(evaluate.mean_se([c[key] for c in cells]), rel=1e-9)
+            assert s[key] == pytest.approx(cmdline.mean_se([c[key] for c in cells]), rel=1e-9)
         assert s["identity"]["se"] > 0 and 0 < s["identity"]["mean"] < 1 and abs(s["prompt"]["mean"]) < 1
     cell = rep["variants"]["full"]["dog_01"]["prompts"]["a photo of S* on the beach"]
     assert cell["text"] == "a photo of dog on the beach" and {"identity", "prompt", "images"} <= set(cell)

@@ -353,6 +353,31 @@ def test_ddp_shards_are_disjoint_and_cover_the_epoch():
     assert again == shards[1][10:]  # a resumed rank skips what it already saw
 
 
+def test_validation_gap_is_exactly_zero_for_an_image_blind_encoder_and_not_otherwise(tiny, tmp_path):
+    """Matched and swapped differ only in the concept (same views, noise, t, prompts)."""
+    comps, names = tiny
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for i in range(3):
+        data.synthetic_image(i, size=64).save(folder / f"c{i}.png")
+    cfg = pretrain.Config(preset="tiny", data="synthetic", val_images=str(folder), val_views=2)
+    val = pretrain.load_validation_set(cfg, comps)
+    torch.manual_seed(0)
+    enc = model.build_encoder(comps, names)
+    with torch.no_grad():
+        for b in enc.b_heads:  # a Delta W that depends on the image (through A)
+            b.bias.normal_(0, 0.1)
+    rec = pretrain.validate(cfg, comps, enc, val, step=1, out_dir=str(tmp_path / "o"))
+    assert rec["n"] == 3 and abs(rec["gap"]) > 1e-7 and rec["gap_se"] > 0
+    assert rec["delta_w_norm"] > 0 and rec["v_norm"] > 0
+    with torch.no_grad():  # blind the encoder: every image now gets the same concept
+        enc.clip_proj.weight.zero_()
+        enc.unet_proj.weight.zero_()
+    rec = pretrain.validate(cfg, comps, enc, val, step=2, out_dir=str(tmp_path / "o"))
+    assert rec["gap"] == 0 and rec["gap_se"] == 0 and rec["matched"] == rec["swapped"]
+    assert sorted(os.listdir(tmp_path / "o" / "val")) == ["step_0000001.png", "step_0000002.png"]
+
+
 # ---------------------------------------------------------------------------------------
 # Sampling: what sample.py's flags and a concept file become in the pipeline call
 
@@ -442,7 +467,7 @@ def test_concept_file_keeps_the_alpha_and_scale_it_was_tuned_with(tmp_path, tiny
 
 
 def test_standard_error_and_variant_settings():
-    r = evaluate.mean_se([1.0, 2.0, 3.0, 4.0])
+    r = cmdline.mean_se([1.0, 2.0, 3.0, 4.0])
     assert r["mean"] == 2.5 and r["n"] == 4 and abs(r["se"] - math.sqrt((5 / 3) / 4)) < 1e-12
     cfg = evaluate.Config(images="x", encoder="e.pt", no_hypernet_encoder="nh.pt", tune_steps=12, seed=3)
     want = {"full": (12, 0.25, "e.pt", True), "no_tuning": (0, 0.25, "e.pt", True),
