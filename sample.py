@@ -175,6 +175,21 @@ def load_concept_checked(cfg: Config):
     return concept, concept["preset"]
 
 
+def benchmark_plain(cfg: Config, pipe, comps, concept, preset: str, args: dict, batch: int, s_per_image: float,
+                    device):
+    """--benchmark: plain SD on the same prompt (the concept's real token instead of S*), same
+    run and settings; one JSON line with both speeds and their ratio."""
+    plain_prompt = cfg.prompt.replace(concept["placeholder"], concept["token"]) if concept else cfg.prompt
+    if cfg.compile:
+        generate(pipe, comps, None, plain_prompt, **{**args, "steps": 3}, num_images=batch, seed=cfg.seed)
+    _, plain = generate_in_batches(pipe, comps, None, plain_prompt, args, cfg.num_images, batch, cfg.seed, device)
+    plain /= cfg.num_images
+    print(json.dumps({"what": "sample", "preset": preset, "device": cmdline.device_name(device),
+                      "num_images": cfg.num_images, "batch_size": batch, "steps": cfg.steps, "compile": cfg.compile,
+                      "s_per_image": round(s_per_image, 4), "plain_s_per_image": round(plain, 4),
+                      "ratio": round(s_per_image / plain, 3), "peak_gb": round(cmdline.peak_memory_gb(device), 3)}))
+
+
 def main(cfg: Config):
     # 1) Check the inputs before loading anything heavy.
     check_config(cfg)
@@ -230,16 +245,7 @@ def main(cfg: Config):
           f"{cmdline.device_name(device)})", file=sys.stderr)
 
     if cfg.benchmark:
-        # Plain SD, same prompt with the concept's real token, same run, same settings.
-        plain_prompt = cfg.prompt.replace(concept["placeholder"], concept["token"]) if concept else cfg.prompt
-        if cfg.compile:
-            generate(pipe, comps, None, plain_prompt, **{**args, "steps": 3}, num_images=batch, seed=cfg.seed)
-        _, plain = generate_in_batches(pipe, comps, None, plain_prompt, args, cfg.num_images, batch, cfg.seed, device)
-        plain /= cfg.num_images
-        print(json.dumps({"what": "sample", "preset": preset, "device": cmdline.device_name(device),
-                          "num_images": cfg.num_images, "batch_size": batch, "steps": cfg.steps, "compile": cfg.compile,
-                          "s_per_image": round(s_per_image, 4), "plain_s_per_image": round(plain, 4),
-                          "ratio": round(s_per_image / plain, 3), "peak_gb": round(cmdline.peak_memory_gb(device), 3)}))
+        benchmark_plain(cfg, pipe, comps, concept, preset, args, batch, s_per_image, device)
     return images
 
 
