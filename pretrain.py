@@ -75,6 +75,7 @@ class Config:
     val_images: str | None = None  # folder of held-out images: the matched-vs-swapped concept signal
     val_every: int = 500  # validate every this many steps (with --val-images), and at the end
     val_views: int = 4  # held-out augmented views per validation image
+    val_concepts: str | None = None  # no training: the signal of concept files DIR/<image stem>.pt (calibration)
     benchmark: bool = False  # end with one JSON line of throughput and memory
 
 
@@ -224,22 +225,62 @@ def validate(cfg: Config, comps, encoder, val: dict, step: int, out_dir: str) ->
         with model.autocast(device):
             v, lora = model.encode(encoder, comps, val["clip"][i:i + 1], z_t, t_enc)
         concepts.append((v.float(), {k: (A.float(), B.float()) for k, (A, B) in lora.items()}))
+    matched, swapped, gap = matched_vs_swapped(comps, concepts, [cfg.alpha_blend] * n, val)
+    dw = [sum(losses.hyperweight_l2(A, B) for A, B in lora.values()).sqrt().item() if lora else 0.0
+          for _, lora in concepts]  # ||Delta W||_F over all layers
+    rec = {"event": "val", "step": step, "matched": sum(matched) / n, "swapped": sum(swapped) / n,
+           "gap": gap["mean"], "gap_se": gap["se"], "v_norm": sum(v.norm().item() for v, _ in concepts) / n,
+           "delta_w_norm": sum(dw) / n, "n": n}
+    _reconstruction_grid(cfg, comps, concepts, val, os.path.join(out_dir, "val", f"step_{step:07d}.png"))
+    encoder.train()
+    return rec
+
+
+@torch.no_grad()
+def matched_vs_swapped(comps, concepts: list, alphas: list[float], val: dict):
+    """Eq. (1) on the held-out views of each image i with concept i ("matched") and with concept
+    i+1 ("swapped"), the same noise, t and prompts for both. concepts: [(v (1, D), lora)], one
+    per image; alphas: the alpha_blend of Eq. (5) each concept is used with.
+    Returns (matched losses, swapped losses, mean and SE of swapped - matched)."""
+    device = comps.token_table.device
+    n = len(concepts)
     matched, swapped = [], []
     for i in range(n):
         z0 = val["latents"][i]  # (views, 4, h, w): held-out views of image i
-        for (v, lora), losses_ in ((concepts[i], matched), (concepts[(i + 1) % n], swapped)):
+        for j, losses_ in ((i, matched), ((i + 1) % n, swapped)):
             g = torch.Generator(device).manual_seed(10_000 + i)  # the same noise, t, prompts for both
             z_t, t, _, tgt = model.noisy_latents(comps.noise_scheduler, z0, g)
             prompts = data_lib.make_prompts(len(z0), random.Random(i))
-            pred = model.dual_path_prediction(comps, z_t, t, prompts, v, lora, cfg.alpha_blend)
+            v, lora = concepts[j]
+            pred = model.dual_path_prediction(comps, z_t, t, prompts, v, lora, alphas[j])
             losses_.append(losses.diffusion_loss(pred, tgt).item())
-    gap = cmdline.mean_se([s - m for s, m in zip(swapped, matched)])  # over the n held-out images
-    dw = [sum(losses.hyperweight_l2(A, B) for A, B in lora.values()).sqrt().item() if lora else 0.0
-          for _, lora in concepts]  # ||Delta W||_F over all layers
-    rec = {"event": "val", "step": step, "matched": sum(matched) / n, "swapped": sum(swapped) / n, "gap": gap["mean"],
-           "gap_se": gap["se"], "v_norm": sum(v.norm().item() for v, _ in concepts) / n, "delta_w_norm": sum(dw) / n, "n": n}
-    _reconstruction_grid(cfg, comps, concepts, val, os.path.join(out_dir, "val", f"step_{step:07d}.png"))
-    encoder.train()
+    return matched, swapped, cmdline.mean_se([s - m for s, m in zip(swapped, matched)])
+
+
+def measure_concept_files(cfg: Config) -> dict:
+    """--val-concepts DIR: the validation signal of saved concept files (DIR/<stem>.pt for each
+    --val-images image), each with its own alpha_blend, instead of an encoder's predictions.
+    Concepts known to carry identity (e.g. evaluate.py's textual_inversion ones) show how large a
+    gap this signal gives when there is something to see. Prints and returns one JSON record."""
+    device = cmdline.default_device()
+    comps = model.load_components(cfg.preset, device=device, dtype=model.frozen_dtype(device), base=cfg.base,
+                                  clip=cfg.clip)
+    dualpath.install_dual_path(comps.unet)
+    val = load_validation_set(cfg, comps)
+    concepts, alphas = [], []
+    for f in val["files"]:
+        path = os.path.join(cfg.val_concepts, os.path.splitext(f)[0] + ".pt")
+        try:
+            c = model.load_concept(path)
+        except (OSError, ValueError) as e:
+            raise cmdline.UserError(f"--val-concepts: {e}") from None
+        concepts.append((c["v_star"][None].to(device), model.concept_lora(c, device)))
+        alphas.append(c["alpha_blend"])
+    matched, swapped, gap = matched_vs_swapped(comps, concepts, alphas, val)
+    n = len(concepts)
+    rec = {"event": "val_concepts", "concepts": cfg.val_concepts, "matched": sum(matched) / n,
+           "swapped": sum(swapped) / n, "gap": gap["mean"], "gap_se": gap["se"], "n": n}
+    print(json.dumps(rec))
     return rec
 
 
@@ -287,7 +328,7 @@ def load_validation_set(cfg: Config, comps) -> dict:
         centre.append(model.vae_latents(comps.vae, vae_view[None].to(device), g).float())
         latents.append(model.vae_latents(comps.vae, views.to(device), g).float())
         clip.append(clip_view)
-    return {"centre": torch.cat(centre), "clip": torch.stack(clip).to(device), "latents": latents}
+    return {"centre": torch.cat(centre), "clip": torch.stack(clip).to(device), "latents": latents, "files": files}
 
 
 def make_checkpoint(cfg, comps, encoder, opt, sched, step: int) -> dict:
@@ -529,6 +570,10 @@ def report_end(cfg: Config, device, encoder, step: int, world: int, master: bool
 
 def cli(argv=None) -> int:
     def checked_main(cfg):
+        if cfg.val_concepts is not None:  # no training: calibrate the validation signal
+            if cfg.val_images is None or not os.path.isdir(cfg.val_images) or not os.path.isdir(cfg.val_concepts):
+                raise cmdline.UserError("--val-concepts DIR needs --val-images DIR, both existing folders")
+            return measure_concept_files(cfg)
         check_config(cfg)
         return main(cfg)
 

@@ -378,6 +378,30 @@ def test_validation_gap_is_exactly_zero_for_an_image_blind_encoder_and_not_other
     assert sorted(os.listdir(tmp_path / "o" / "val")) == ["step_0000001.png", "step_0000002.png"]
 
 
+def test_val_concepts_measures_saved_concept_files_with_the_same_signal(tiny, tmp_path, capsys):
+    comps, names = tiny
+    images, same, own = tmp_path / "val", tmp_path / "same", tmp_path / "own"
+    for d in (images, same, own):
+        d.mkdir()
+    for i in range(3):
+        data.synthetic_image(i, size=64).save(images / f"c{i}.png")
+        cfg = tune.Config(image=str(images / f"c{i}.png"), encoder="random", preset="tiny", steps=1, batch_size=2)
+        enc = tune.build_tuning_encoder(None, comps, names, seed=0)
+        concept = tune.tune_concept(comps, enc, data.load_image(cfg.image), cfg, log=lambda s: None)[0]
+        cmdline.atomic_save(concept, str(own / f"c{i}.pt"))
+        if i == 0:
+            for j in range(3):
+                cmdline.atomic_save(concept, str(same / f"c{j}.pt"))
+    base = ["--preset", "tiny", "--val-images", str(images), "--val-views", "2"]
+    assert pretrain.cli(base + ["--val-concepts", str(same)]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["n"] == 3 and rec["gap"] == 0 and rec["matched"] == rec["swapped"]  # one concept for all: no gap
+    assert pretrain.cli(base + ["--val-concepts", str(own)]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["n"] == 3 and abs(rec["gap"]) > 1e-7 and rec["gap_se"] > 0
+    assert pretrain.cli(base + ["--val-concepts", str(tmp_path / "nope")]) == 2
+
+
 # ---------------------------------------------------------------------------------------
 # Sampling: what sample.py's flags and a concept file become in the pipeline call
 
