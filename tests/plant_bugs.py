@@ -226,7 +226,7 @@ BUGS = [
     ("loss-nearest-cosine-farthest", "losses.py", "nn_ids, _ = nearest_tokens(v, token_table, k=1, exclude=exclude_ids)  # (N, 1), no grad",
      "nn_ids, _ = nearest_tokens(-v, token_table, k=1, exclude=exclude_ids)  # (N, 1), no grad",
      "the nearest-cosine regulariser pulls toward the farthest token"),
-    ("val-swap-is-self", "pretrain.py", "(concepts[(i + 1) % n], swapped)", "(concepts[i], swapped)",
+    ("val-swap-is-self", "pretrain.py", "((i, matched), ((i + 1) % n, swapped))", "((i, matched), (i, swapped))",
      "the validation signal's 'swapped' concept is the image's own"),
     ("val-different-noise", "pretrain.py", "g = torch.Generator(device).manual_seed(10_000 + i)  # the same noise, t, prompts for both",
      "g = torch.Generator(device).manual_seed(10_000 + i + len(losses_))  # the same noise, t, prompts for both",
