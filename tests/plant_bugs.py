@@ -229,7 +229,7 @@ BUGS = [
     ("val-swap-is-self", "pretrain.py", "((i, matched), ((i + 1) % n, swapped))", "((i, matched), (i, swapped))",
      "the validation signal's 'swapped' concept is the image's own"),
     ("val-different-noise", "pretrain.py", "g = torch.Generator(device).manual_seed(10_000 + i)  # the same noise, t, prompts for both",
-     "g = torch.Generator(device).manual_seed(10_000 + i + len(losses_))  # the same noise, t, prompts for both",
+     "g = torch.Generator(device).manual_seed(10_000 + i + j)  # the same noise, t, prompts for both",
      "matched and swapped see different noise and t"),
     ("model-token-norm-mean", "model.py", "return token_table.detach().float().cpu()[keep].norm(dim=-1).median().item()",
      "return token_table.detach().float().cpu().norm(dim=-1).max().item()",
