@@ -7,6 +7,7 @@ import os
 import random
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -257,6 +258,15 @@ def test_no_hypernet_flag_starts_the_lora_from_zero_and_keeps_v0(tiny):
     assert all(B.abs().sum() > 0 for B in full["lora_B"].values())
     assert all(torch.count_nonzero(B) == 0 for B in scratch["lora_B"].values())  # B = 0: Delta W = 0
     assert not scratch["tuning"]["hypernet"] and full["tuning"]["hypernet"]
+
+
+def test_typical_token_norm_is_the_median_of_the_real_rows():
+    table = torch.zeros(49408, 4)
+    table[:, 0] = torch.linspace(0.1, 0.5, 49408)  # row norms 0.1 .. 0.5
+    table[list(model.SPECIAL_IDS), 0] = 100.0  # start / end of text: never counted
+    real = torch.ones(49408, dtype=torch.bool)
+    real[list(model.SPECIAL_IDS)] = False
+    assert model.typical_token_norm(table) == pytest.approx(table[real, 0].median().item(), rel=1e-6)
 
 
 def test_tuning_defaults_are_the_papers():
