@@ -515,3 +515,19 @@ def test_standard_error_and_variant_settings():
 
 def test_clip_t_text_is_the_prompt_with_the_class_noun():
     assert evaluate.noun_prompt("a photo of S* on a beach", "dog") == "a photo of dog on a beach"
+
+
+def test_a_failed_atomic_write_leaves_neither_a_temp_file_nor_a_changed_target(tmp_path):
+    target = tmp_path / "concept.pt"
+    target.write_bytes(b"old")
+
+    def fails_halfway(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        cmdline.atomic_write(str(target), fails_halfway)
+    assert os.listdir(tmp_path) == ["concept.pt"] and target.read_bytes() == b"old"
+    cmdline.atomic_write(str(target), lambda tmp: open(tmp, "wb").write(b"new"))
+    assert os.listdir(tmp_path) == ["concept.pt"] and target.read_bytes() == b"new"
