@@ -264,7 +264,7 @@ def measure_concept_files(cfg: Config) -> dict:
     gap this signal gives when there is something to see. Prints and returns one JSON record."""
     device = cmdline.default_device()
     comps = model.load_components(cfg.preset, device=device, dtype=model.frozen_dtype(device), base=cfg.base,
-                                  clip=cfg.clip)
+                                  clip=cfg.clip, with_image_encoder=False)  # no encoder forward: no CLIP tower
     dualpath.install_dual_path(comps.unet)
     val = load_validation_set(cfg, comps)
     concepts, alphas = [], []

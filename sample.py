@@ -228,13 +228,10 @@ def main(cfg: Config):
     #    Ctrl-C keeps what was finished. Image i always uses seed + i, whatever the batch size.
     stem = f"{slug(cfg.prompt)}_s{cfg.seed}"
 
-    def save(first, done):
-        for i, im in enumerate(done):
-            save_png(im, os.path.join(cfg.out, f"{stem}_{first + i:02d}.png"))
-
     with tqdm(total=cfg.num_images, desc="images", dynamic_ncols=True, disable=cfg.num_images < 2) as bar:
-        def on_batch(first, done):
-            save(first, done)
+        def on_batch(first, done):  # write this batch's PNGs at once
+            for i, im in enumerate(done):
+                save_png(im, os.path.join(cfg.out, f"{stem}_{first + i:02d}.png"))
             bar.update(len(done))
 
         images, seconds = generate_in_batches(pipe, comps, concept, cfg.prompt, args, cfg.num_images, batch, cfg.seed,
