@@ -26,8 +26,9 @@ SD 1.5 (`--base DIR`, `--clip DIR`):
     # then the paper, with the ordinary scripts (README, "The paper in miniature"):
     python pretrain.py --preset toy --data runs/toyworld/train --out runs/toy-date ...
 
-Stages (each cached; the long ones checkpoint and resume): world (rendered training set and the
-unseen evaluation concepts), vae, clip-h, clip-b, t2i (text encoder + UNet), competence.
+Stages (each cached; the long ones checkpoint and resume): world (rendered training set, the
+unseen evaluation concepts, held-out pictures for the validation signal), vae, clip-h, clip-b,
+t2i (text encoder + UNet), competence.
 """
 from __future__ import annotations
 
@@ -66,6 +67,9 @@ COLOURS = {"orange": (250, 140, 20), "purple": (120, 40, 150), "pink": (250, 150
            "grey": (128, 128, 128), "black": (20, 20, 20), "navy": (20, 30, 90)}  # instance detail
 TRAIN_INSTANCES_PER_CLASS = 150
 EVAL_SEED0 = 1_000_000  # evaluation instances come from seeds no training stage draws
+N_CONCEPTS = 12  # unseen instances photographed once each, for tune.py / evaluate.py
+N_HELDOUT = 24  # further unseen instances, in random contexts, for the validation signal
+HELDOUT_SEED = 12_345
 
 
 @dataclass(frozen=True)
@@ -182,7 +186,7 @@ def t2i_caption(cls: str, background: str | None, obj_size: str | None, template
 
 
 # ----------------------------------------------------------------------------------------
-# Stage "world": a rendered training set, and the unseen evaluation concepts
+# Stage "world": a rendered training set, the unseen evaluation concepts, held-out pictures
 
 
 def sample_scene(rng: random.Random, instances: list[Instance]):
@@ -192,7 +196,8 @@ def sample_scene(rng: random.Random, instances: list[Instance]):
 
 def stage_world(out: str, n_train: int, seed: int):
     """OUT/world.pt (uint8 images + scene records, for the base models), OUT/train/ (PNG folder
-    for DATE pre-training), OUT/concepts/ (one photo per unseen instance, for tune/evaluate)."""
+    for DATE pre-training), OUT/concepts/ (one photo per unseen instance, for tune/evaluate),
+    OUT/heldout/ (further unseen instances in random contexts, for pretrain.py --val-images)."""
     rng = random.Random(seed)
     insts = train_instances()
     images, scenes = torch.empty((n_train, 3, SIZE, SIZE), dtype=torch.uint8), []
@@ -206,10 +211,26 @@ def stage_world(out: str, n_train: int, seed: int):
             im.save(os.path.join(out, "train", f"{i:05d}.png"))
     cdir = os.path.join(out, "concepts")
     os.makedirs(cdir, exist_ok=True)
-    for k, inst in enumerate(eval_instances(12)):
+    for k, inst in enumerate(eval_instances(N_CONCEPTS)):
         # The one photo of each concept: large, on white (no coloured background to copy).
         render(inst, "white", "large", random.Random(k)).save(os.path.join(cdir, f"{inst.cls}_{k:02d}.png"))
+    write_heldout(out)
     cmdline.atomic_save({"images": images, "scenes": scenes}, os.path.join(out, "world.pt"))
+
+
+def write_heldout(out: str, n: int = N_HELDOUT):
+    """OUT/heldout/: pictures of n further unseen instances, each in a random context, for
+    pretrain.py --val-images. The 12 concepts share one context (large, on white), so their
+    matched-vs-swapped gap sees only class and instance; these pictures also differ in what a
+    picture shows in the large (background, size), which an encoder learns first. Together the two
+    sets tell apart three regimes: one image-independent LoRA (gap ~0 on both), concepts at the
+    level of context (positive here only), and concepts at the level of the instance (both)."""
+    hdir = os.path.join(out, "heldout")
+    os.makedirs(hdir, exist_ok=True)
+    rng = random.Random(HELDOUT_SEED)
+    for k, inst in enumerate(eval_instances(N_CONCEPTS + n)[N_CONCEPTS:]):  # none of them a concept
+        bg, obj_size = rng.choice(sorted(BACKGROUNDS)), rng.choice(list(SIZES))
+        render(inst, bg, obj_size, rng).save(os.path.join(hdir, f"{k:02d}_{inst.cls}_{bg}_{obj_size}.png"))
 
 
 def _u8(im: Image.Image) -> torch.Tensor:
@@ -506,7 +527,8 @@ class Config:
 
 
 def done(out: str, stage: str) -> bool:
-    return {"world": os.path.isfile(os.path.join(out, "world.pt")),
+    # (world: a world rendered before OUT/heldout/ existed is rendered again, identically: 24 s)
+    return {"world": os.path.isfile(os.path.join(out, "world.pt")) and os.path.isdir(os.path.join(out, "heldout")),
             "vae": os.path.isfile(os.path.join(out, "sd", "vae", "diffusion_pytorch_model.safetensors")),
             "clip-h": os.path.isfile(os.path.join(out, "clip-h", "open_clip_model.safetensors")),
             "clip-b": os.path.isfile(os.path.join(out, "clip-b", "open_clip_model.safetensors")),

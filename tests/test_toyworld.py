@@ -38,7 +38,8 @@ def test_every_stage_runs_and_a_rerun_reuses_them(toy):
     for name in ("clip-h", "clip-b"):
         assert json.load(open(os.path.join(out, name, "open_clip_config.json")))["model_cfg"] == toyworld.CLIP_CONFIGS[name]
     assert len(os.listdir(os.path.join(out, "train"))) == cfg.n_train
-    assert len(os.listdir(os.path.join(out, "concepts"))) == 12
+    assert len(os.listdir(os.path.join(out, "concepts"))) == toyworld.N_CONCEPTS == 12
+    assert len(os.listdir(os.path.join(out, "heldout"))) == toyworld.N_HELDOUT
 
 
 def test_captions_name_class_and_context_but_never_the_instance(toy):
@@ -62,6 +63,27 @@ def test_evaluation_concepts_are_instances_no_training_stage_saw():
     ev = toyworld.eval_instances(12)
     assert len(ev) == 12 and not {(i.cls, i.pattern, i.colour1, i.colour2) for i in ev} & train
     assert {i.cls for i in ev} == set(toyworld.CLASSES)
+
+
+def test_heldout_pictures_are_further_unseen_instances_in_varied_contexts(tmp_path):
+    toyworld.write_heldout(str(tmp_path), n=12)
+    names = sorted(os.listdir(tmp_path / "heldout"))
+    first = (tmp_path / "heldout" / names[0]).read_bytes()
+    toyworld.write_heldout(str(tmp_path), n=12)  # seeded: the same pictures again
+    assert (tmp_path / "heldout" / names[0]).read_bytes() == first
+    concepts = toyworld.eval_instances(toyworld.N_CONCEPTS)
+    heldout = toyworld.eval_instances(toyworld.N_CONCEPTS + 12)[toyworld.N_CONCEPTS:]
+    train = {(i.cls, i.pattern, i.colour1, i.colour2) for i in toyworld.train_instances()}
+    assert not set(heldout) & set(concepts) and not {(i.cls, i.pattern, i.colour1, i.colour2) for i in heldout} & train
+    # The file names record each picture's class and context; the contexts vary.
+    parts = [n[:-4].split("_") for n in names]
+    assert [p[1] for p in parts] == [i.cls for i in heldout]
+    assert len({p[2] for p in parts}) >= 3 and {p[3] for p in parts} == set(toyworld.SIZES)
+    # A world rendered before the held-out pictures existed counts as not done.
+    (tmp_path / "world.pt").write_bytes(b"x")
+    assert toyworld.done(str(tmp_path), "world")
+    os.rename(tmp_path / "heldout", tmp_path / "old")
+    assert not toyworld.done(str(tmp_path), "world")
 
 
 def test_toy_loads_through_the_sd15_base_and_clip_code(toy, monkeypatch):
