@@ -89,6 +89,7 @@ class Config:
     steps: int = 50  # DDIM sampling steps
     guidance: float = 7.5  # classifier-free guidance scale
     tune_steps: int = 12  # tuning steps of the DATE variants that tune
+    lambda_anchor: float = tune.Config.lambda_anchor  # Sec. 4.4 anchor of the DATE variants that tune
     batch_size: int = 16  # tuning batch (augmented views), for every variant and baseline
     ti_steps: int = tune.BASELINES["textual_inversion"]["steps"]  # TI baseline steps (diffusers' TI example)
     ti_lr: float = tune.BASELINES["textual_inversion"]["lr"]  # TI baseline lr (diffusers' TI example)
@@ -206,7 +207,7 @@ def class_nouns(folder: str, files: list[str]) -> dict[str, str]:
 def variant_config(cfg: Config, variant: str, image_path: str) -> tune.Config:
     """tune.py settings of one DATE variant (Sec. 5.4)."""
     tc = tune.Config(image=image_path, encoder=cfg.encoder, steps=cfg.tune_steps, batch_size=cfg.batch_size,
-                     seed=cfg.seed, base=cfg.base, clip=cfg.clip)
+                     lambda_anchor=cfg.lambda_anchor, seed=cfg.seed, base=cfg.base, clip=cfg.clip)
     if variant == "no_tuning":
         tc.steps = 0
     elif variant == "no_dual_path":
@@ -226,7 +227,7 @@ def variant_settings(cfg: Config, variant: str) -> dict:
                 "alpha_blend": 1.0}
     tc = variant_config(cfg, variant, "")
     return {"method": "date", "steps": tc.steps, "lr": tc.lr, "batch_size": tc.batch_size, "seed": tc.seed,
-            "encoder": tc.encoder, "hypernet": variant not in ("no_hypernet", "lora_from_zero"),
+            "lambda_anchor": tc.lambda_anchor, "encoder": tc.encoder, "hypernet": variant not in ("no_hypernet", "lora_from_zero"),
             "alpha_blend": tc.alpha_blend}
 
 
@@ -290,8 +291,8 @@ def check_inputs(cfg: Config):
                       ("--ti-steps", cfg.ti_steps), ("--lora-steps", cfg.lora_steps)):
         if val <= 0:
             raise UserError(f"{flag} must be positive, got {val}")
-    if cfg.tune_steps < 0:
-        raise UserError(f"--tune-steps must be >= 0, got {cfg.tune_steps}")
+    if cfg.tune_steps < 0 or not cfg.lambda_anchor >= 0:
+        raise UserError(f"--tune-steps and --lambda-anchor must be >= 0, got {cfg.tune_steps} and {cfg.lambda_anchor}")
     if not (cfg.ti_lr > 0 and cfg.lora_lr > 0) or cfg.guidance < 0:
         raise UserError("--ti-lr and --lora-lr must be positive and --guidance >= 0")
     cmdline.check_output(cfg.out, "folder")

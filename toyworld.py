@@ -197,7 +197,8 @@ def sample_scene(rng: random.Random, instances: list[Instance]):
 def stage_world(out: str, n_train: int, seed: int):
     """OUT/world.pt (uint8 images + scene records, for the base models), OUT/train/ (PNG folder
     for DATE pre-training), OUT/concepts/ (one photo per unseen instance, for tune/evaluate),
-    OUT/heldout/ (further unseen instances in random contexts, for pretrain.py --val-images)."""
+    OUT/heldout/ (further unseen instances in random contexts, for pretrain.py --val-images),
+    OUT/second-photos/ (another photo of each concept)."""
     rng = random.Random(seed)
     insts = train_instances()
     images, scenes = torch.empty((n_train, 3, SIZE, SIZE), dtype=torch.uint8), []
@@ -215,6 +216,7 @@ def stage_world(out: str, n_train: int, seed: int):
         # The one photo of each concept: large, on white (no coloured background to copy).
         render(inst, "white", "large", random.Random(k)).save(os.path.join(cdir, f"{inst.cls}_{k:02d}.png"))
     write_heldout(out)
+    write_second_photos(out)
     cmdline.atomic_save({"images": images, "scenes": scenes}, os.path.join(out, "world.pt"))
 
 
@@ -231,6 +233,17 @@ def write_heldout(out: str, n: int = N_HELDOUT):
     for k, inst in enumerate(eval_instances(N_CONCEPTS + n)[N_CONCEPTS:]):  # none of them a concept
         bg, obj_size = rng.choice(sorted(BACKGROUNDS)), rng.choice(list(SIZES))
         render(inst, bg, obj_size, rng).save(os.path.join(hdir, f"{k:02d}_{inst.cls}_{bg}_{obj_size}.png"))
+
+
+def write_second_photos(out: str):
+    """OUT/second-photos/: each concept's instance photographed again, large on white, at another
+    place and size, under the concept's file name. A concept tuned on the first photo that scores
+    a positive gap here (pretrain.py --val-images OUT/second-photos --val-concepts DIR) carries the
+    instance, not the photo."""
+    sdir = os.path.join(out, "second-photos")
+    os.makedirs(sdir, exist_ok=True)
+    for k, inst in enumerate(eval_instances(N_CONCEPTS)):
+        render(inst, "white", "large", random.Random(k + 500)).save(os.path.join(sdir, f"{inst.cls}_{k:02d}.png"))
 
 
 def _u8(im: Image.Image) -> torch.Tensor:
@@ -527,8 +540,8 @@ class Config:
 
 
 def done(out: str, stage: str) -> bool:
-    # (world: a world rendered before OUT/heldout/ existed is rendered again, identically: 24 s)
-    return {"world": os.path.isfile(os.path.join(out, "world.pt")) and os.path.isdir(os.path.join(out, "heldout")),
+    # (world: a world rendered before OUT/heldout/ existed is rendered again, identically: 20 s)
+    return {"world": all(os.path.exists(os.path.join(out, f)) for f in ("world.pt", "heldout", "second-photos")),
             "vae": os.path.isfile(os.path.join(out, "sd", "vae", "diffusion_pytorch_model.safetensors")),
             "clip-h": os.path.isfile(os.path.join(out, "clip-h", "open_clip_model.safetensors")),
             "clip-b": os.path.isfile(os.path.join(out, "clip-b", "open_clip_model.safetensors")),

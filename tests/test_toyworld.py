@@ -40,6 +40,11 @@ def test_every_stage_runs_and_a_rerun_reuses_them(toy):
     assert len(os.listdir(os.path.join(out, "train"))) == cfg.n_train
     assert len(os.listdir(os.path.join(out, "concepts"))) == toyworld.N_CONCEPTS == 12
     assert len(os.listdir(os.path.join(out, "heldout"))) == toyworld.N_HELDOUT
+    # The second photos: the concepts' instances again, under the same names, in other pixels.
+    assert sorted(os.listdir(os.path.join(out, "second-photos"))) == sorted(os.listdir(os.path.join(out, "concepts")))
+    for name in os.listdir(os.path.join(out, "concepts")):
+        first, second = (open(os.path.join(out, d, name), "rb").read() for d in ("concepts", "second-photos"))
+        assert first != second
 
 
 def test_captions_name_class_and_context_but_never_the_instance(toy):
@@ -81,6 +86,7 @@ def test_heldout_pictures_are_further_unseen_instances_in_varied_contexts(tmp_pa
     assert len({p[2] for p in parts}) >= 3 and {p[3] for p in parts} == set(toyworld.SIZES)
     # A world rendered before the held-out pictures existed counts as not done.
     (tmp_path / "world.pt").write_bytes(b"x")
+    toyworld.write_second_photos(str(tmp_path))
     assert toyworld.done(str(tmp_path), "world")
     os.rename(tmp_path / "heldout", tmp_path / "old")
     assert not toyworld.done(str(tmp_path), "world")

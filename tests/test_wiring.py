@@ -503,14 +503,16 @@ def test_concept_file_keeps_the_alpha_and_scale_it_was_tuned_with(tmp_path, tiny
 def test_standard_error_and_variant_settings():
     r = cmdline.mean_se([1.0, 2.0, 3.0, 4.0])
     assert r["mean"] == 2.5 and r["n"] == 4 and abs(r["se"] - math.sqrt((5 / 3) / 4)) < 1e-12
-    cfg = evaluate.Config(images="x", encoder="e.pt", no_hypernet_encoder="nh.pt", tune_steps=12, seed=3)
+    cfg = evaluate.Config(images="x", encoder="e.pt", no_hypernet_encoder="nh.pt", tune_steps=12, seed=3,
+                          lambda_anchor=0.3)
     want = {"full": (12, 0.25, "e.pt", True), "no_tuning": (0, 0.25, "e.pt", True),
             "no_dual_path": (12, 1.0, "e.pt", True), "no_hypernet": (12, 0.25, "nh.pt", True),
             "lora_from_zero": (12, 0.25, "e.pt", False)}
     for variant, fields in want.items():
         tc = evaluate.variant_config(cfg, variant, "img.png")
         assert (tc.steps, tc.alpha_blend, tc.encoder, tc.hypernet) == fields, variant
-        assert tc.seed == 3 and tc.image == "img.png" and tc.lr == 2e-3
+        assert tc.seed == 3 and tc.image == "img.png" and tc.lr == 2e-3 and tc.lambda_anchor == 0.3
+        assert evaluate.variant_settings(cfg, variant)["lambda_anchor"] == 0.3  # a cached concept must match it
 
 
 def test_clip_t_text_is_the_prompt_with_the_class_noun():
