@@ -227,8 +227,8 @@ def variant_settings(cfg: Config, variant: str) -> dict:
                 "alpha_blend": 1.0}
     tc = variant_config(cfg, variant, "")
     return {"method": "date", "steps": tc.steps, "lr": tc.lr, "batch_size": tc.batch_size, "seed": tc.seed,
-            "lambda_anchor": tc.lambda_anchor, "encoder": tc.encoder, "hypernet": variant not in ("no_hypernet", "lora_from_zero"),
-            "alpha_blend": tc.alpha_blend}
+            "lambda_anchor": tc.lambda_anchor, "encoder": tc.encoder,
+            "hypernet": variant not in ("no_hypernet", "lora_from_zero"), "alpha_blend": tc.alpha_blend}
 
 
 def cached_concept(path: str, settings: dict) -> dict | None:
