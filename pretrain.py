@@ -72,7 +72,7 @@ class Config:
     num_workers: int = 4  # data-loader processes per rank
     base: str = model.SD15_BASE  # sd15: hub id or local folder of SD 1.5
     clip: str = model.SD15_CLIP[1]  # sd15: open_clip tag or local file for ViT-H-14
-    val_images: str | None = None  # folder of held-out images: the matched-vs-swapped concept signal
+    val_images: str | None = None  # folder(s) of held-out images, comma-separated: the matched-vs-swapped signal
     val_every: int = 500  # validate every this many steps (with --val-images), and at the end
     val_views: int = 4  # held-out augmented views per validation image
     val_concepts: str | None = None  # no training: the signal of concept files DIR/<image stem>.pt (calibration)
@@ -100,8 +100,9 @@ def check_config(cfg: Config):
         raise cmdline.UserError(f"--data: no such folder: {cfg.data}")
     if cfg.openimages is not None and not os.path.isdir(cfg.openimages):
         raise cmdline.UserError(f"--openimages: no such folder: {cfg.openimages}")
-    if cfg.val_images is not None and not os.path.isdir(cfg.val_images):
-        raise cmdline.UserError(f"--val-images: no such folder: {cfg.val_images}")
+    for folder in val_folders(cfg):
+        if not os.path.isdir(folder):
+            raise cmdline.UserError(f"--val-images: no such folder: {folder}")
     if cfg.val_every <= 0 or cfg.val_views <= 0:
         raise cmdline.UserError("--val-every and --val-views must be positive")
     if not cfg.lr > 0 or cfg.grad_clip <= 0 or cfg.warmup_steps < 0:
@@ -202,6 +203,12 @@ def pretrain_losses(cfg: Config, comps, encoder, batch, seed: int, world: int = 
 
 
 @torch.no_grad()
+def val_folders(cfg: Config) -> list[str]:
+    """--val-images A,B: the held-out sets, each validated on its own (e.g. pictures that differ in
+    everything, and concepts that differ only in their instance)."""
+    return [f for f in (cfg.val_images or "").split(",") if f]
+
+
 def validate(cfg: Config, comps, encoder, val: dict, step: int, out_dir: str) -> dict:
     """Is the encoder learning *concepts*? (a signal for any pre-training run)
 
@@ -212,7 +219,8 @@ def validate(cfg: Config, comps, encoder, val: dict, step: int, out_dir: str) ->
     denoises an image better with its own: gap = swapped - matched > 0. An encoder that learned
     one image-independent LoRA (a better denoiser, no concept) has gap ~ 0.
     Also: mean ||v*|| and mean ||Delta W||_F (summed over layers), and a one-step reconstruction
-    grid (input, then x0 predicted at t = 500 by its matched concept) written to OUT/val/.
+    grid (input, then x0 predicted at t = 500 by its matched concept) written to OUT/val/
+    (step_N.png for the first --val-images folder, step_N_<folder name>.png for the others).
     """
     device = comps.token_table.device
     encoder.eval()
@@ -228,10 +236,11 @@ def validate(cfg: Config, comps, encoder, val: dict, step: int, out_dir: str) ->
     matched, swapped, gap = matched_vs_swapped(comps, concepts, [cfg.alpha_blend] * n, val)
     dw = [sum(losses.hyperweight_l2(A, B) for A, B in lora.values()).sqrt().item() if lora else 0.0
           for _, lora in concepts]  # ||Delta W||_F over all layers
-    rec = {"event": "val", "step": step, "matched": sum(matched) / n, "swapped": sum(swapped) / n,
-           "gap": gap["mean"], "gap_se": gap["se"], "v_norm": sum(v.norm().item() for v, _ in concepts) / n,
-           "delta_w_norm": sum(dw) / n, "n": n}
-    _reconstruction_grid(cfg, comps, concepts, val, os.path.join(out_dir, "val", f"step_{step:07d}.png"))
+    rec = {"event": "val", "step": step, "images": val["folder"], "matched": sum(matched) / n,
+           "swapped": sum(swapped) / n, "gap": gap["mean"], "gap_se": gap["se"],
+           "v_norm": sum(v.norm().item() for v, _ in concepts) / n, "delta_w_norm": sum(dw) / n, "n": n}
+    tag = "" if val["folder"] == val_folders(cfg)[0] else "_" + os.path.basename(os.path.normpath(val["folder"]))
+    _reconstruction_grid(cfg, comps, concepts, val, os.path.join(out_dir, "val", f"step_{step:07d}{tag}.png"))
     encoder.train()
     return rec
 
@@ -278,7 +287,7 @@ def measure_concept_files(cfg: Config) -> dict:
         alphas.append(c["alpha_blend"])
     matched, swapped, gap = matched_vs_swapped(comps, concepts, alphas, val)
     n = len(concepts)
-    rec = {"event": "val_concepts", "concepts": cfg.val_concepts, "matched": sum(matched) / n,
+    rec = {"event": "val_concepts", "concepts": cfg.val_concepts, "images": cfg.val_images, "matched": sum(matched) / n,
            "swapped": sum(swapped) / n, "gap": gap["mean"], "gap_se": gap["se"], "n": n}
     print(json.dumps(rec))
     return rec
@@ -307,18 +316,19 @@ def _reconstruction_grid(cfg, comps, concepts, val, path: str):
     cmdline.atomic_write(path, grid.save)  # (creates OUT/val/)
 
 
-def load_validation_set(cfg: Config, comps) -> dict:
+def load_validation_set(cfg: Config, comps, folder: str | None = None) -> dict:
     """Latents of the centre view and of `val_views` augmented views, and the CLIP view, of every
-    image in --val-images (computed once)."""
-    files = sorted(f for f in os.listdir(cfg.val_images) if os.path.splitext(f)[1].lower() in data_lib.IMAGE_EXTS)
+    image in one --val-images folder (default: the first; computed once)."""
+    folder = folder or val_folders(cfg)[0]
+    files = sorted(f for f in os.listdir(folder) if os.path.splitext(f)[1].lower() in data_lib.IMAGE_EXTS)
     if len(files) < 2:
-        raise cmdline.UserError(f"--val-images: need at least 2 images in {cfg.val_images}")
+        raise cmdline.UserError(f"--val-images: need at least 2 images in {folder}")
     device = comps.token_table.device
     res, clip_size = comps.cfg.resolution, comps.cfg.clip_size
     centre, clip, latents = [], [], []
     for k, f in enumerate(files):
         try:
-            im = data_lib.load_image(os.path.join(cfg.val_images, f))
+            im = data_lib.load_image(os.path.join(folder, f))
         except data_lib.BadImage as e:
             raise cmdline.UserError(f"--val-images: {e}") from None
         vae_view, clip_view = data_lib.make_views(im, res, clip_size, rng=None)
@@ -328,7 +338,8 @@ def load_validation_set(cfg: Config, comps) -> dict:
         centre.append(model.vae_latents(comps.vae, vae_view[None].to(device), g).float())
         latents.append(model.vae_latents(comps.vae, views.to(device), g).float())
         clip.append(clip_view)
-    return {"centre": torch.cat(centre), "clip": torch.stack(clip).to(device), "latents": latents, "files": files}
+    return {"centre": torch.cat(centre), "clip": torch.stack(clip).to(device), "latents": latents, "files": files,
+            "folder": folder}
 
 
 def make_checkpoint(cfg, comps, encoder, opt, sched, step: int) -> dict:
@@ -426,7 +437,8 @@ class RunLog:
                         "images_per_s": round(self.images_per_s, 3), "peak_gb": round(peak, 3)})
 
     def validation(self, rec: dict):
-        self.bar.write(f"step {rec['step']}: val gap (swapped - matched) {rec['gap']:+.5f} ± {rec['gap_se']:.5f}, "
+        self.bar.write(f"step {rec['step']}: val [{rec['images']}] gap (swapped - matched) "
+                       f"{rec['gap']:+.5f} ± {rec['gap_se']:.5f}, "
                        f"matched {rec['matched']:.5f}, |v*| {rec['v_norm']:.3f}, |dW| {rec['delta_w_norm']:.3f}",
                        file=sys.stderr)
         self.write(rec)
@@ -500,7 +512,7 @@ def train(cfg: Config, device, rank: int, world: int):
 
     # 4) Data: every rank reads its own shard; held-out images for the validation signal (rank 0).
     dataset, steps_per_epoch = open_dataset(cfg, comps, world)
-    val = load_validation_set(cfg, comps) if (cfg.val_images and master) else None
+    vals = [load_validation_set(cfg, comps, f) for f in val_folders(cfg)] if master else []
     if master:
         os.makedirs(cfg.out, exist_ok=True)
     last = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps
@@ -521,8 +533,9 @@ def train(cfg: Config, device, rank: int, world: int):
                 sched.step()
                 step += 1
                 log.after_step(step, last, terms, sched.get_last_lr()[0], batch)
-                if val is not None and (step % cfg.val_every == 0 or step == last):
-                    log.validation(validate(cfg, comps, encoder, val, step, cfg.out))
+                if step % cfg.val_every == 0 or step == last:
+                    for val in vals:
+                        log.validation(validate(cfg, comps, encoder, val, step, cfg.out))
                 if master and step % cfg.save_every == 0:
                     save_checkpoint(cfg, comps, encoder, opt, sched, step, periodic=True)
                 if step >= last:
@@ -539,8 +552,9 @@ def train(cfg: Config, device, rank: int, world: int):
     finally:
         log.bar.close()
     log.epoch_end(epoch, step)
-    if val is not None and log.validated_step != step:  # e.g. --resume of a finished run: validate it
-        log.validation(validate(cfg, comps, encoder, val, step, cfg.out))
+    if log.validated_step != step:  # e.g. --resume of a finished run: validate it
+        for val in vals:
+            log.validation(validate(cfg, comps, encoder, val, step, cfg.out))
     if master:
         print(f"pretrain.py: wrote {os.path.join(cfg.out, 'encoder.pt')} (step {step}; tune.py --encoder reads it) "
               f"and {log.path}", file=sys.stderr)
@@ -571,8 +585,8 @@ def report_end(cfg: Config, device, encoder, step: int, world: int, master: bool
 def cli(argv=None) -> int:
     def checked_main(cfg):
         if cfg.val_concepts is not None:  # no training: calibrate the validation signal
-            if cfg.val_images is None or not os.path.isdir(cfg.val_images) or not os.path.isdir(cfg.val_concepts):
-                raise cmdline.UserError("--val-concepts DIR needs --val-images DIR, both existing folders")
+            if len(val_folders(cfg)) != 1 or not all(os.path.isdir(d) for d in (cfg.val_images, cfg.val_concepts)):
+                raise cmdline.UserError("--val-concepts DIR needs --val-images DIR (one), both existing folders")
             return measure_concept_files(cfg)
         check_config(cfg)
         return main(cfg)

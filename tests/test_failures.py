@@ -218,7 +218,11 @@ def test_bad_numbers_concepts_devices_and_paths_are_one_line_each(tmp_path, conc
              (sample, ["--concept", str(tmp_path / "nokey.pt"), "--prompt", "a photo of S*"], "lacks lora_B"),
              (sample, ["--concept", str(tmp_path / "shape.pt"), "--prompt", "a photo of S*"], "has A (3, 7)"),
              (sample, ["--concept", "none", "--prompt", "a dog", "--guidance", "nan", "--preset", "tiny"], "finite"),
-             (export, ["--concept", str(tmp_path / "shape.pt"), "--out", str(tmp_path / "e")], "has A (3, 7)")]
+             (export, ["--concept", str(tmp_path / "shape.pt"), "--out", str(tmp_path / "e")], "has A (3, 7)"),
+             (pretrain, ["--data", "synthetic", "--out", str(tmp_path / "p"), "--val-images", f"{tmp_path},{tmp_path}/no"]
+              + ["--preset", "tiny"], f"--val-images: no such folder: {tmp_path}/no"),
+             (pretrain, ["--val-images", f"{tmp_path},{tmp_path}", "--val-concepts", str(tmp_path), "--preset", "tiny"],
+              "needs --val-images DIR (one)")]
     if not torch.cuda.is_available():
         cases.append((tune, ["--image", IMAGE, "--encoder", "random", "--preset", "tiny", "--device", "cuda"] + common,
                       "no CUDA GPU"))
@@ -226,7 +230,7 @@ def test_bad_numbers_concepts_devices_and_paths_are_one_line_each(tmp_path, conc
         assert script.cli(args) == 2, args
         line = _one_error_line(capsys, os.path.basename(script.__file__))
         assert words in line, (args, line)
-    assert not (tmp_path / "o.pt").exists() and not (tmp_path / "e").exists()
+    assert not (tmp_path / "o.pt").exists() and not (tmp_path / "e").exists() and not (tmp_path / "p").exists()
 
 
 def test_real_processes_print_one_line_for_a_bad_flag(tmp_path):

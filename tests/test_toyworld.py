@@ -137,14 +137,18 @@ def test_pretrain_on_the_toy_world_logs_the_matched_vs_swapped_signal(toy, tmp_p
     out, _, _ = toy
     cfg = pretrain.Config(preset="toy", base=os.path.join(out, "sd"), clip=os.path.join(out, "clip-h"),
                           data=os.path.join(out, "train"), out=str(tmp_path / "run"), steps=2, batch_size=2,
-                          num_workers=0, warmup_steps=1, val_images=os.path.join(out, "concepts"), val_every=1, val_views=2)
+                          num_workers=0, warmup_steps=1, val_every=1, val_views=2,
+                          val_images=os.path.join(out, "heldout") + "," + os.path.join(out, "concepts"))
     pretrain.main(cfg)
     recs = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     val = [r for r in recs if r.get("event") == "val"]
-    assert [r["step"] for r in val] == [1, 2]
+    assert [(r["step"], os.path.basename(r["images"])) for r in val] == [
+        (1, "heldout"), (1, "concepts"), (2, "heldout"), (2, "concepts")]
     for r in val:
-        assert r["n"] == 12 and r["gap"] == pytest.approx(r["swapped"] - r["matched"], abs=1e-6)
+        assert r["n"] == (24 if r["images"].endswith("heldout") else 12)
+        assert r["gap"] == pytest.approx(r["swapped"] - r["matched"], abs=1e-6)
         assert r["gap_se"] >= 0 and r["v_norm"] > 0 and r["delta_w_norm"] >= 0
-    assert sorted(os.listdir(tmp_path / "run" / "val")) == ["step_0000001.png", "step_0000002.png"]
+    assert sorted(os.listdir(tmp_path / "run" / "val")) == [
+        "step_0000001.png", "step_0000001_concepts.png", "step_0000002.png", "step_0000002_concepts.png"]
     ckpt = model.load_encoder_checkpoint(str(tmp_path / "run" / "encoder.pt"))
     assert ckpt["preset"] == "toy" and ckpt["base"] == os.path.join(out, "sd")
