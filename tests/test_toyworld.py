@@ -152,3 +152,30 @@ def test_pretrain_on_the_toy_world_logs_the_matched_vs_swapped_signal(toy, tmp_p
         "step_0000001.png", "step_0000001_concepts.png", "step_0000002.png", "step_0000002_concepts.png"]
     ckpt = model.load_encoder_checkpoint(str(tmp_path / "run" / "encoder.pt"))
     assert ckpt["preset"] == "toy" and ckpt["base"] == os.path.join(out, "sd")
+
+
+def test_the_readmes_toy_sequence_uses_only_flags_the_scripts_have():
+    """The README's one command sequence for the toy world, parsed (not run) by each script."""
+    import shlex
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    block = readme.split("<!-- toy-sequence -->")[1].split("```bash")[1].split("```")[0]
+    env = {"reg": "contrastive"}
+    parsed = []
+    for line in block.splitlines():
+        line = line.split("#")[0].strip()
+        if "=" in line and line.split("=")[0].isidentifier():  # COMMON="..." / EV="..."
+            name, value = line.split("=", 1)
+            env[name] = shlex.split(value)[0]
+        elif line.startswith("python "):
+            words = shlex.split(line)
+            for k, v in sorted(env.items(), key=lambda kv: -len(kv[0])):  # $COMMON before a shorter name
+                words = [w for word in words for w in (shlex.split(v) if word == "$" + k else [word.replace("$" + k, v)])]
+            module = {"toyworld.py": toyworld, "pretrain.py": pretrain, "evaluate.py": evaluate}[words[1]]
+            cfg = module.parse_args(words[2:])
+            parsed.append((words[1], cfg))
+    assert [s for s, _ in parsed] == ["toyworld.py", "pretrain.py", "pretrain.py", "evaluate.py", "evaluate.py"]
+    pre = parsed[1][1]
+    assert pretrain.val_folders(pre) == ["runs/toyworld/heldout", "runs/toyworld/concepts"]
+    assert pre.preset == "toy" and pre.steps == 1000 and pre.embedding_reg == "contrastive"
+    assert parsed[2][1].hypernet is False and parsed[3][1].variants == "paper"
