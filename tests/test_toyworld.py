@@ -36,7 +36,8 @@ def test_every_stage_runs_and_a_rerun_reuses_them(toy):
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert os.path.isdir(os.path.join(out, "sd", sub)), sub
     for name in ("clip-h", "clip-b"):
-        assert json.load(open(os.path.join(out, name, "open_clip_config.json")))["model_cfg"] == toyworld.CLIP_CONFIGS[name]
+        cfg_file = os.path.join(out, name, "open_clip_config.json")
+        assert json.load(open(cfg_file))["model_cfg"] == toyworld.CLIP_CONFIGS[name]
     assert len(os.listdir(os.path.join(out, "train"))) == cfg.n_train
     assert len(os.listdir(os.path.join(out, "concepts"))) == toyworld.N_CONCEPTS == 12
     assert len(os.listdir(os.path.join(out, "heldout"))) == toyworld.N_HELDOUT
@@ -130,7 +131,8 @@ def test_competence_is_measured_by_the_code_the_readme_reports(toy):
         assert f["n"] == cfg.competence_prompts and 0 <= f["mean"] <= 1
     ident = rep["identity"]
     assert ident["margin"]["n"] == 24
-    assert ident["margin"]["mean"] == pytest.approx(ident["same_instance"]["mean"] - ident["other_instance_same_class"]["mean"])
+    margin = ident["same_instance"]["mean"] - ident["other_instance_same_class"]["mean"]
+    assert ident["margin"]["mean"] == pytest.approx(margin)
 
 
 def test_pretrain_on_the_toy_world_logs_the_matched_vs_swapped_signal(toy, tmp_path):
@@ -170,7 +172,8 @@ def test_the_readmes_toy_sequence_uses_only_flags_the_scripts_have():
         elif line.startswith("python "):
             words = shlex.split(line)
             for k, v in sorted(env.items(), key=lambda kv: -len(kv[0])):  # $COMMON before a shorter name
-                words = [w for word in words for w in (shlex.split(v) if word == "$" + k else [word.replace("$" + k, v)])]
+                words = [w for word in words
+                         for w in (shlex.split(v) if word == "$" + k else [word.replace("$" + k, v)])]
             module = {"toyworld.py": toyworld, "pretrain.py": pretrain, "evaluate.py": evaluate}[words[1]]
             cfg = module.parse_args(words[2:])
             parsed.append((words[1], cfg))
