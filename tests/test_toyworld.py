@@ -53,8 +53,8 @@ def test_the_same_seed_builds_the_same_world_and_models(toy, tmp_path):
     """--seed fixes every stage: a second micro build gives bit-identical pictures and weights."""
     out, cfg, _ = toy
     toyworld.main(dataclasses.replace(cfg, out=str(tmp_path)))
-    first = os.path.join(out, "train", sorted(os.listdir(os.path.join(out, "train")))[0])
-    assert open(first, "rb").read() == open(first.replace(out, str(tmp_path)), "rb").read()
+    picture = os.path.join("train", sorted(os.listdir(os.path.join(out, "train")))[0])
+    assert open(os.path.join(out, picture), "rb").read() == open(os.path.join(tmp_path, picture), "rb").read()
     for f in ("sd/unet/diffusion_pytorch_model.safetensors", "sd/vae/diffusion_pytorch_model.safetensors",
               "sd/text_encoder/model.safetensors", "clip-h/open_clip_model.safetensors",
               "clip-b/open_clip_model.safetensors"):
