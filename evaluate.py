@@ -102,6 +102,7 @@ class Config:
     base: str = model.SD15_BASE  # sd15: SD 1.5 hub id or local folder
     clip: str = model.SD15_CLIP[1]  # sd15: open_clip tag or local file for ViT-H-14
     eval_clip: str = "openai"  # metric CLIP: sd15: a ViT-B-16 tag or OpenAI weights file; toy: runs/toyworld/clip-b
+    judge: str | None = None  # toy: the world's ground-truth judge (default: judge.pt beside --base's folder)
 
 
 UserError = cmdline.UserError  # bad input: one line on stderr, exit code 2
@@ -171,7 +172,7 @@ class ClipMetric:
     @torch.no_grad()
     def text_features(self, texts: list[str]) -> torch.Tensor:
         self.last_texts = list(texts)
-        tokens = self.tokenizer(texts).to(self.device)
+        tokens = self.tokenizer(texts, context_length=self.model.context_length).to(self.device)  # 77 for CLIP
         return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
     def identity(self, reference, generated) -> float:
@@ -181,6 +182,58 @@ class ClipMetric:
     def prompt_similarity(self, generated, text: str) -> float:
         """CLIP-T: mean cosine between each generated image and the text."""
         return (self.image_features(generated) @ self.text_features([text])[0]).mean().item()
+
+
+class Judge:
+    """The toy world's ground truth (toyworld.py trains it on the world's labels): reads each
+    generated picture's class, pattern, colours, background and size. The concept's own factors
+    are scored against IMAGES/labels.json (what the world wrote for each photo), the context
+    against the words of the prompt ("... on a red background" -> background red). In a world
+    with a ground truth, this is what CLIP-I and CLIP-T stand in for."""
+
+    CONCEPT = ("class", "pattern", "colours")
+    PROMPT = ("background", "size")
+
+    def __init__(self, path: str, labels_path: str):
+        import toyworld  # (toyworld imports this file: imported here, where a judge is used)
+
+        self.model = toyworld.load_judge(path)
+        self.options = toyworld.JUDGE_FACTORS
+        with open(labels_path) as f:
+            self.labels = json.load(f)
+
+    def scores(self, file: str, prompt: str, images) -> dict:
+        """{factor: fraction of the images the judge reads as the concept's / the prompt's}."""
+        want = {f: self.labels[file][f] for f in self.CONCEPT}
+        want["colours"] = frozenset(want["colours"])
+        words = set(re.findall(r"[a-z]+", prompt.lower()))
+        for f in self.PROMPT:
+            named = [o for o in self.options[f] if o in words]
+            if len(named) == 1:  # a prompt that names no background (or two) is not scored on it
+                want[f] = named[0]
+        verdicts = self.model.read(images)
+        return {f: sum(v[f] == w for v in verdicts) / len(verdicts) for f, w in want.items()}
+
+
+def open_judge(cfg: Config, preset: str, base: str, files: list[str]) -> Judge | None:
+    """The judge of a toy evaluation (--judge, or judge.pt beside the --base folder), or None."""
+    path = cfg.judge
+    if path is None:
+        if preset != "toy":
+            return None
+        path = os.path.join(os.path.dirname(os.path.normpath(base)), "judge.pt")
+        if not os.path.isfile(path):
+            print(f"evaluate.py: note: no judge at {path}: scoring with CLIP only", file=sys.stderr)
+            return None
+    labels = os.path.join(cfg.images, "labels.json")
+    if not os.path.isfile(path) or not os.path.isfile(labels):
+        raise UserError(f"--judge needs the judge file ({path}) and the photos' labels ({labels}); "
+                        f"toyworld.py writes both")
+    judge = Judge(path, labels)
+    unlabelled = [f for f in files if f not in judge.labels]
+    if unlabelled:
+        raise UserError(f"--judge: {labels} has no labels for {unlabelled[0]}")
+    return judge
 
 
 def noun_prompt(prompt: str, noun: str, placeholder: str = model.PLACEHOLDER) -> str:
@@ -373,15 +426,47 @@ def write_text(path: str, text: str):
     cmdline.atomic_write(path, write)
 
 
+def v_star_summary(concepts: dict, v: torch.Tensor) -> dict:
+    """What a variant's v* read as (Sec. 4.2) and whether they collapsed (Sec. 5.2): the hard
+    tokens with their counts, how many concepts have their class noun among v*'s three nearest
+    words, and the mean cosine between two concepts' v* (1 = one v* for every photo)."""
+    tokens = {}
+    for c in concepts.values():
+        tokens[c["token"]] = tokens.get(c["token"], 0) + 1
+    vn = torch.nn.functional.normalize(v.float(), dim=-1)
+    n = len(vn)
+    return {"hard_tokens": dict(sorted(tokens.items(), key=lambda kv: -kv[1])),
+            "noun_in_3_nearest": cmdline.mean_se([float(c["noun"] in [w for w, _ in c["nearest_words"][:3]])
+                                                  for c in concepts.values()]),
+            "v_pairwise_cos": ((vn @ vn.T).sum().item() - n) / (n * (n - 1)) if n > 1 else None}
+
+
+def _pm(s: dict, digits: int = 4) -> str:
+    return f"{s['mean']:.{digits}f} ± {s['se']:.{digits}f}"
+
+
 def markdown_table(summary: dict, n_concepts: int, n_prompts: int, num_images: int, prompts=()) -> str:
+    judged = [f for f in Judge.CONCEPT + Judge.PROMPT if any(f in s.get("judge", {}) for s in summary.values())]
     lines = [f"Identity (CLIP-I) and prompt (CLIP-T) similarity, mean ± standard error over "
              f"{n_concepts} concept(s) × {n_prompts} prompt(s), {num_images} image(s) each; tuning time per "
-             f"concept (wall clock, mean ± SE).", "",
-             "| variant | identity (CLIP-I) | prompt (CLIP-T) | tuning time (s) |", "|---|---|---|---|"]
+             f"concept (wall clock, mean ± SE)." + (" Judge: the fraction of generated images the world's judge "
+                                                    "reads as the concept's class, pattern and colours and as the "
+                                                    "prompt's background and size." if judged else ""), "",
+             "| variant | identity (CLIP-I) | prompt (CLIP-T) | tuning time (s) |" + "".join(f" judge: {f} |"
+                                                                                      for f in judged),
+             "|---|---|---|---|" + "---|" * len(judged)]
     for name, s in summary.items():
-        lines.append(f"| {name} | {s['identity']['mean']:.4f} ± {s['identity']['se']:.4f} | "
-                     f"{s['prompt']['mean']:.4f} ± {s['prompt']['se']:.4f} | "
-                     f"{s['tune_s']['mean']:.2f} ± {s['tune_s']['se']:.2f} |")
+        lines.append(f"| {name} | {_pm(s['identity'])} | {_pm(s['prompt'])} | {_pm(s['tune_s'], 2)} |"
+                     + "".join(f" {_pm(s['judge'][f], 2) if f in s.get('judge', {}) else '-'} |" for f in judged))
+    lines += ["", "What v* reads as (Sec. 4.2): each concept's hard token (v*'s nearest word), how many concepts "
+              "have their class noun among v*'s three nearest words, and the mean cosine between the v* of two "
+              "concepts (near 1: one v* for every photo, Sec. 5.2's mode collapse).", "",
+              "| variant | hard tokens | class noun among 3 nearest | v* pairwise cosine |", "|---|---|---|---|"]
+    for name, s in summary.items():
+        cos = "-" if s["v_pairwise_cos"] is None else f"{s['v_pairwise_cos']:.3f}"
+        nn3 = s["noun_in_3_nearest"]
+        lines.append(f"| {name} | {', '.join(f'{w} ×{c}' for w, c in s['hard_tokens'].items())} | "
+                     f"{round(nn3['mean'] * nn3['n'])} / {nn3['n']} | {cos} |")
     if prompts:
         lines += ["", "Prompts (the columns of grid.png):", ""] + [f"{j + 1}. {p}" for j, p in enumerate(prompts)]
     return "\n".join(lines) + "\n"
@@ -403,7 +488,7 @@ def load_encoders(cfg: Config, variants: list[str], comps, names, device) -> dic
     """{checkpoint path: encoder} for the variants that need one (the no_hypernet ablation has its own)."""
     ckpt, _ = tune.load_encoder_checkpoint(tune.Config(encoder=cfg.encoder, preset=comps.preset, base=cfg.base,
                                                        clip=cfg.clip), prog="evaluate.py")
-    encoders = {cfg.encoder: tune.build_tuning_encoder(ckpt, comps, names, cfg.seed).to(device)}
+    encoders = {cfg.encoder: tune.build_tuning_encoder(ckpt, comps, names, cfg.seed, cfg.encoder).to(device)}
     if "no_hypernet" in variants:
         path = cfg.no_hypernet_encoder
         ckpt, _ = tune.load_encoder_checkpoint(tune.Config(encoder=path, preset=comps.preset, base=cfg.base,
@@ -411,16 +496,18 @@ def load_encoders(cfg: Config, variants: list[str], comps, names, device) -> dic
         if ckpt is None or ckpt.get("hypernet", True):
             raise UserError(f"--no-hypernet-encoder {path} was trained with a hypernetwork; "
                             f"train one with `python pretrain.py --no-hypernet ...`")
-        encoders[path] = tune.build_tuning_encoder(ckpt, comps, names, cfg.seed).to(device)
+        encoders[path] = tune.build_tuning_encoder(ckpt, comps, names, cfg.seed, path).to(device)
     return encoders
 
 
-def run_variants(cfg: Config, variants, files, prompts, nouns, images, comps, encoders, pipe, metric, bar):
+def run_variants(cfg: Config, variants, files, prompts, nouns, images, comps, encoders, pipe, metric, bar,
+                 judge: Judge | None = None):
     """Tune (or reuse) every concept of every variant, generate (or reuse) its images, score them.
-    Returns ({variant: {concept: scores}}, {"concepts": reused, "images": reused})."""
-    results, reused = {}, {"concepts": 0, "images": 0}
+    Returns ({variant: {concept: scores}}, {"concepts": reused, "images": reused},
+    {variant: the concepts' v* (n, D)})."""
+    results, reused, v_stars = {}, {"concepts": 0, "images": 0}, {}
     for variant in variants:
-        results[variant] = {}
+        results[variant], v_stars[variant] = {}, []
         for f in files:
             stem = os.path.splitext(f)[0]
             cdir = os.path.join(cfg.out, "concepts", variant)
@@ -433,6 +520,7 @@ def run_variants(cfg: Config, variants, files, prompts, nouns, images, comps, en
                 bar.set_description(f"tuning {variant}/{stem}")
                 concept = tune_variant(cfg, variant, comps, encoders, images[f], os.path.join(cfg.images, f), nouns[f])
                 cmdline.atomic_save(concept, cpath)
+            v_stars[variant].append(concept["v_star"])
             bar.set_description(f"sampling {variant}/{stem}")
             per_prompt = {}
             for j, prompt in enumerate(prompts):
@@ -452,12 +540,15 @@ def run_variants(cfg: Config, variants, files, prompts, nouns, images, comps, en
                 per_prompt[prompt] = {"identity": metric.identity(images[f], gen),
                                       "prompt": metric.prompt_similarity(gen, text),
                                       "text": text, "images": [os.path.relpath(p, cfg.out) for p in paths]}
+                if judge is not None:
+                    per_prompt[prompt]["judge"] = judge.scores(f, prompt, gen)
                 bar.update(cfg.num_images)
             results[variant][stem] = {"noun": nouns[f], "token": concept["token"], "prompts": per_prompt,
+                                      "nearest_words": concept.get("nearest_words") or [[concept["token"], None]],
                                       "tune_s": concept["tuning"]["seconds"],
                                       "identity": sum(r["identity"] for r in per_prompt.values()) / len(per_prompt),
                                       "prompt": sum(r["prompt"] for r in per_prompt.values()) / len(per_prompt)}
-    return results, reused
+    return results, reused, {k: torch.stack(v) for k, v in v_stars.items()}
 
 
 def main(cfg: Config):
@@ -480,6 +571,7 @@ def main(cfg: Config):
     pipe = sample.build_pipeline(comps)
     pipe.set_progress_bar_config(disable=True)  # one bar for the whole run instead
     metric = ClipMetric(preset, device, cfg.eval_clip)
+    judge = open_judge(cfg, preset, comps.base, files)
 
     # 3) Concepts, images, scores. Everything finished is on disk and reused on a re-run.
     os.makedirs(cfg.out, exist_ok=True)
@@ -487,18 +579,24 @@ def main(cfg: Config):
     bar = tqdm(total=len(variants) * len(files) * len(prompts) * cfg.num_images, desc="evaluate", unit="image",
                dynamic_ncols=True)
     try:
-        results, reused = run_variants(cfg, variants, files, prompts, nouns, images, comps, encoders, pipe, metric, bar)
+        results, reused, v_stars = run_variants(cfg, variants, files, prompts, nouns, images, comps, encoders, pipe,
+                                                metric, bar, judge)
     finally:
         bar.close()  # before any message, also on Ctrl-C
 
     # 4) Summaries (mean and standard error over concept x prompt cells; tuning time over
-    #    concepts), table, plot.
+    #    concepts), what the concepts' v* read as, table, plot.
     summary = {}
     for variant, concepts in results.items():
         cells = [r for c in concepts.values() for r in c["prompts"].values()]
         summary[variant] = {"identity": cmdline.mean_se([r["identity"] for r in cells]),
                             "prompt": cmdline.mean_se([r["prompt"] for r in cells]),
-                            "tune_s": cmdline.mean_se([c["tune_s"] for c in concepts.values()])}
+                            "tune_s": cmdline.mean_se([c["tune_s"] for c in concepts.values()]),
+                            **v_star_summary(concepts, v_stars[variant])}
+        if judge is not None:
+            summary[variant]["judge"] = {f: cmdline.mean_se([r["judge"][f] for r in cells if f in r["judge"]])
+                                         for f in Judge.CONCEPT + Judge.PROMPT
+                                         if any(f in r["judge"] for r in cells)}
     report = {"preset": preset, "encoder": cfg.encoder, "config": dataclasses.asdict(cfg), "prompts": prompts,
               "metric_model": {"sd15": "ViT-B-16/" + cfg.eval_clip + " (QuickGELU)",
                                "sd15-arch": "ViT-B-16/random (QuickGELU)",

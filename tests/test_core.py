@@ -213,6 +213,26 @@ def test_nearest_tokens_finds_the_row_and_excludes_special_tokens(tiny):
     assert not set(ids.flatten().tolist()) & set(model.SPECIAL_IDS)
 
 
+def test_a_row_of_zeros_is_no_word_for_the_nearest_token_search_or_the_typical_norm(tiny):
+    """A text encoder that never learned most of its rows (the toy world's) marks them with zeros:
+    neither Eq. (3)'s positives, the hard token nor v*'s starting norm may come from them."""
+    comps, _ = tiny
+    table = comps.token_table.detach().clone()
+    words = [320, 2368, DOG, 3309]  # a, cat, dog, wearing
+    kept = table[words].clone()
+    table.zero_()
+    table[words] = kept
+    v = torch.randn(64, table.shape[1], generator=torch.Generator().manual_seed(0))
+    ids, _ = model.nearest_tokens(v, table, k=4)
+    assert set(ids.flatten().tolist()) == set(words)  # only the four words, whatever v is
+    near = model.nearest_words(comps.tokenizer, table, kept[2:3] * 2, k=2)
+    assert near[0][0] == ("dog", 1.0) and near[0][1][0] in {"a", "cat", "wearing"}
+    assert model.typical_token_norm(table) == pytest.approx(kept.norm(dim=-1).median().item(), rel=1e-6)
+    assert model.word_rows(table).sum() == 4
+    ids, _ = model.nearest_tokens(v, comps.token_table, k=1)  # a table without zero rows: nothing excluded
+    assert len(set(ids.flatten().tolist())) > 4
+
+
 def test_alpha1_costs_one_path_and_alpha_below_1_shares_the_query(tiny):
     """Count projection calls: alpha = 1 runs each q/k/v once (plain LoRA); alpha < 1 adds only
     the hard path's k/v of C_h in attn2 (the q projection, and attn1's k/v, are shared)."""

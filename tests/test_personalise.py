@@ -177,11 +177,18 @@ def test_tune_cli_benchmark_json_and_concept(tmp_path, capsys):
     rc = tune.cli(["--image", IMAGE, "--encoder", "random", "--preset", "tiny", "--steps", "2", "--batch-size", "2",
                    "--out", str(out), "--benchmark", "--device", "cpu"])
     assert rc == 0
-    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = capsys.readouterr().out.strip().splitlines()
+    rec = json.loads(lines[-1])
     assert {"what", "preset", "device", "steps", "batch_size", "encoder_s", "tune_loop_s", "total_s", "peak_gb"} <= set(rec)
     assert rec["what"] == "tune" and rec["steps"] == 2 and rec["batch_size"] == 2
     assert 0 < rec["tune_loop_s"] < rec["total_s"] and rec["peak_gb"] > 0
-    assert model.load_concept(str(out))["tuning"]["steps"] == 2
+    concept = model.load_concept(str(out))
+    assert concept["tuning"]["steps"] == 2
+    # v*'s five nearest words with their cosines (Sec. 4.2), stored and printed; the first is the hard token.
+    comps = model.load_components("tiny")
+    want = model.nearest_words(comps.tokenizer, comps.token_table, concept["v_star"][None], k=5)[0]
+    assert [tuple(w) for w in concept["nearest_words"]] == want and want[0][0] == concept["token"]
+    assert lines[-2] == "v* reads as: " + ", ".join(f"{w} {c:.3f}" for w, c in want)
 
 
 def test_tune_reads_the_preset_from_a_pretrain_checkpoint(tmp_path):

@@ -9,6 +9,7 @@ import random
 import open_clip
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import evaluate
@@ -22,8 +23,9 @@ import tune
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("toy"))
-    cfg = toyworld.Config(out=out, n_train=64, vae_steps=2, clip_steps=2, t2i_steps=2, batch_size=4, clip_batch_size=8,
-                          competence_prompts=2, competence_steps=2)
+    cfg = toyworld.Config(out=out, n_train=64, vae_steps=2, clip_steps=2, text_clip_steps=2, t2i_steps=2, batch_size=4,
+                          clip_batch_size=8, judge_steps=2, judge_batch_size=4, competence_per_class=1,
+                          competence_steps=2, competence_renders=8)
     times = toyworld.main(cfg)
     return out, cfg, times
 
@@ -36,15 +38,16 @@ def test_every_stage_runs_and_a_rerun_reuses_them(toy):
     assert json.load(open(os.path.join(out, "sd", "model_index.json")))["_class_name"] == "StableDiffusionPipeline"
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert os.path.isdir(os.path.join(out, "sd", sub)), sub
-    for name in ("clip-h", "clip-b"):
+    for name in ("clip-h", "clip-b", "clip-l"):
         cfg_file = os.path.join(out, name, "open_clip_config.json")
         assert json.load(open(cfg_file))["model_cfg"] == toyworld.CLIP_CONFIGS[name]
     assert len(os.listdir(os.path.join(out, "train"))) == cfg.n_train
-    assert len(os.listdir(os.path.join(out, "concepts"))) == toyworld.N_CONCEPTS == 12
+    concepts = sorted(f for f in os.listdir(os.path.join(out, "concepts")) if f.endswith(".png"))
+    assert len(concepts) == toyworld.N_CONCEPTS == 12 and "labels.json" in os.listdir(os.path.join(out, "concepts"))
     assert len(os.listdir(os.path.join(out, "heldout"))) == toyworld.N_HELDOUT
     # The second photos: the concepts' instances again, under the same names, in other pixels.
-    assert sorted(os.listdir(os.path.join(out, "second-photos"))) == sorted(os.listdir(os.path.join(out, "concepts")))
-    for name in os.listdir(os.path.join(out, "concepts")):
+    assert sorted(os.listdir(os.path.join(out, "second-photos"))) == concepts
+    for name in concepts:
         first, second = (open(os.path.join(out, d, name), "rb").read() for d in ("concepts", "second-photos"))
         assert first != second
 
@@ -57,9 +60,11 @@ def test_the_same_seed_builds_the_same_world_and_models(toy, tmp_path):
     assert open(os.path.join(out, picture), "rb").read() == open(os.path.join(tmp_path, picture), "rb").read()
     for f in ("sd/unet/diffusion_pytorch_model.safetensors", "sd/vae/diffusion_pytorch_model.safetensors",
               "sd/text_encoder/model.safetensors", "clip-h/open_clip_model.safetensors",
-              "clip-b/open_clip_model.safetensors"):
+              "clip-b/open_clip_model.safetensors", "clip-l/open_clip_model.safetensors"):
         a, b = load_file(os.path.join(out, f)), load_file(os.path.join(tmp_path, f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    a, b = (torch.load(os.path.join(d, "judge.pt"), weights_only=True)["judge"] for d in (out, tmp_path))
+    assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.load(open(os.path.join(out, "competence.json"))) == json.load(open(tmp_path / "competence.json"))
 
 
@@ -132,7 +137,7 @@ def test_toy_concept_round_trips_through_tune_and_sample(toy, tmp_path):
     assert tune.cli(["--image", image, "--encoder", "random", "--clip", os.path.join(out, "clip-h"), "--steps", "2",
                      "--batch-size", "2", "--out", str(concept)] + weights) == 0
     c = model.load_concept(str(concept))
-    assert c["preset"] == "toy" and c["base"] == os.path.join(out, "sd") and len(c["lora_A"]) == 24
+    assert c["preset"] == "toy" and c["base"] == os.path.join(out, "sd") and len(c["lora_A"]) == 42
     assert sample.cli(["--concept", str(concept), "--prompt", "a photo of a small S* on a red background",
                        "--num-images", "1", "--steps", "2", "--out", str(tmp_path / "s")] + weights) == 0
     assert len(os.listdir(tmp_path / "s")) == 2  # the image and the grid
@@ -141,9 +146,12 @@ def test_toy_concept_round_trips_through_tune_and_sample(toy, tmp_path):
 def test_competence_is_measured_by_the_code_the_readme_reports(toy):
     out, cfg, _ = toy
     rep = json.load(open(os.path.join(out, "competence.json")))
-    assert set(rep["prompt_following"]) == {"background", "size"}
-    for f in rep["prompt_following"].values():
-        assert f["n"] == cfg.competence_prompts and 0 <= f["mean"] <= 1
+    factors = {"class", "pattern", "colours", "background", "size"}
+    for scores in list(rep["judge"].values()) + list(rep["clip_zero_shot"].values()):
+        assert set(scores) == factors and all(s["n"] == cfg.competence_renders for s in scores.values())
+    assert set(rep["clip_zero_shot"]) == {"clip-h", "clip-b"}
+    assert set(rep["drawing"]) == set(toyworld.CLASSES) | {"all"}
+    assert rep["drawing"]["all"]["class"]["n"] == cfg.competence_per_class * len(toyworld.CLASSES)
     ident = rep["identity"]
     assert ident["margin"]["n"] == 24
     margin = ident["same_instance"]["mean"] - ident["other_instance_same_class"]["mean"]
@@ -165,6 +173,10 @@ def test_pretrain_on_the_toy_world_logs_the_matched_vs_swapped_signal(toy, tmp_p
         assert r["n"] == (24 if r["images"].endswith("heldout") else 12)
         assert r["gap"] == pytest.approx(r["swapped"] - r["matched"], abs=1e-6)
         assert r["gap_se"] >= 0 and r["v_norm"] > 0 and r["delta_w_norm"] >= 0
+        # Collapse, in every validation: how alike the n v* are, and what they read as.
+        assert -1 <= r["v_pairwise_cos"] <= 1 and sum(r["top_words"].values()) <= r["n"]
+        assert len(r["words"]) == r["n"] and all(len(w) == 3 for w in r["words"].values())
+        assert set(r["top_words"]) <= {w[0] for w in r["words"].values()}
     assert sorted(os.listdir(tmp_path / "run" / "val")) == [
         "step_0000001.png", "step_0000001_concepts.png", "step_0000002.png", "step_0000002_concepts.png"]
     ckpt = model.load_encoder_checkpoint(str(tmp_path / "run" / "encoder.pt"))
@@ -197,3 +209,111 @@ def test_the_readmes_toy_sequence_uses_only_flags_the_scripts_have():
     assert pretrain.val_folders(pre) == ["runs/toyworld/heldout", "runs/toyworld/concepts"]
     assert pre.preset == "toy" and pre.steps == 1000 and pre.embedding_reg == "contrastive"
     assert parsed[2][1].hypernet is False and parsed[3][1].variants == "paper"
+
+
+def test_the_text_encoder_keeps_only_the_words_its_captions_used(toy):
+    """A row the captions never trained is zeroed (a row of zeros is no word), so v*'s nearest
+    words, Eq. (3)'s positives and v*'s starting norm come from the words the model knows."""
+    out, _, _ = toy
+    comps = model.load_components("toy", base=os.path.join(out, "sd"), with_image_encoder=False)
+    words = set(model.word_rows(comps.token_table).nonzero().flatten().tolist())
+    assert words == toyworld.caption_token_ids(comps.tokenizer) and 35 < len(words) < 50
+    vocab = {comps.tokenizer.convert_ids_to_tokens(i).replace("</w>", "") for i in words}
+    assert set(toyworld.CLASSES) | set(toyworld.BACKGROUNDS) | set(toyworld.SIZES) <= vocab
+    assert not {toyworld.PATTERNS[0], toyworld.COLOUR_NAMES[0]} & vocab  # the instance is never named
+    v = torch.randn(32, comps.cfg.token_dim, generator=torch.Generator().manual_seed(0))
+    assert all(w in vocab for row in model.nearest_words(comps.tokenizer, comps.token_table, v, k=5) for w, _ in row)
+    real = [i for i in words if i not in model.SPECIAL_IDS]
+    assert model.typical_token_norm(comps.token_table) == pytest.approx(
+        comps.token_table[real].norm(dim=-1).median().item(), rel=1e-6)
+
+
+def test_the_text_encoder_is_the_text_tower_of_a_world_clip(toy):
+    """As SD 1.5's text encoder is OpenAI CLIP's text tower, the toy's is clip-l's: a CLIPTextModel
+    whose hidden states equal those of the open_clip tower it was converted from."""
+    out, _, _ = toy
+    clip = model.open_clip_model("ViT-L-14", os.path.join(out, "clip-l"), "cpu", file_quick_gelu=True).eval()
+    comps = model.load_components("toy", base=os.path.join(out, "sd"), with_image_encoder=False)
+    ids = comps.tokenizer(["a photo of a large star on a red background", "a rendering of a heart", ""],
+                          padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        x = clip.ln_final(clip.transformer(clip.token_embedding(ids) + clip.positional_embedding,
+                                           attn_mask=clip.attn_mask))
+        assert torch.allclose(comps.text_encoder(ids).last_hidden_state, x, atol=1e-5)
+
+
+def test_clip_twins_differ_in_one_named_factor_and_are_never_an_evaluation_instance():
+    insts, unseen = toyworld.train_instances(), toyworld.unseen_combinations()
+    assert {(i.cls, i.pattern, i.colour1, i.colour2) for i in toyworld.eval_instances(toyworld.N_CONCEPTS)} <= unseen
+    rng = random.Random(0)
+    for k in range(200):
+        factor = ("class", "details")[k % 2]
+        (first, bg, size, place), *twins = toyworld.clip_twins(rng, insts, unseen, factor)
+        assert first in insts
+        changed = []
+        for twin, bg2, size2, place2 in twins:
+            assert (bg2, size2, place2) == (bg, size, place) and (twin.period, twin.angle) == (first.period, first.angle)
+            assert (twin.cls, twin.pattern, twin.colour1, twin.colour2) not in unseen
+            changed.append({f for f in ("cls", "pattern", "colour1", "colour2") if getattr(twin, f) != getattr(first, f)})
+        if factor == "class":  # the same object in each of the other five classes
+            assert changed == [{"cls"}] * 5 and {first.cls} | {t.cls for t, *_ in twins} == set(toyworld.CLASSES)
+        else:  # in another pattern, then in two other pairs of colours
+            assert changed[0] == {"pattern"} and all(c and c <= {"colour1", "colour2"} for c in changed[1:])
+            assert twins[1][0] != twins[2][0]
+
+
+def test_the_judge_is_scored_against_the_worlds_truth_and_the_concepts_carry_their_labels(toy, monkeypatch):
+    out, _, _ = toy
+    judge = toyworld.load_judge(os.path.join(out, "judge.pt"))
+    scenes = toyworld.test_scenes(6)
+    for v in judge.read([im for *_, im in scenes]):  # a verdict names one option of every factor
+        assert v["class"] in toyworld.CLASSES and v["pattern"] in toyworld.PATTERNS and v["size"] in toyworld.SIZES
+        assert v["background"] in toyworld.BACKGROUNDS and len(v["colours"]) == 2 and v["colours"] <= set(toyworld.COLOURS)
+    truths = [{f: toyworld.truth(i, bg, size, f) for f in toyworld.CLIP_FACTORS} for i, bg, size, _ in scenes]
+    monkeypatch.setattr(judge, "read", lambda images: [dict(t) for t in truths])
+    assert all(s["mean"] == 1 for s in toyworld.judge_accuracy(judge, scenes).values())
+    wrong = [dict(t, colours=frozenset(("orange", "no colour"))) for t in truths]  # every pair wrong
+    monkeypatch.setattr(judge, "read", lambda images: wrong)
+    acc = toyworld.judge_accuracy(judge, scenes)
+    assert acc["colours"]["mean"] == 0 and acc["class"]["mean"] == 1
+    labels = json.load(open(os.path.join(out, "concepts", "labels.json")))
+    assert sorted(labels) == sorted(f for f in os.listdir(os.path.join(out, "concepts")) if f.endswith(".png"))
+    for name, inst in zip(sorted(labels, key=lambda n: n.split("_")[1]), toyworld.eval_instances(toyworld.N_CONCEPTS)):
+        assert labels[name] == {"class": inst.cls, "pattern": inst.pattern,
+                                "colours": sorted((inst.colour1, inst.colour2))}
+
+
+def test_evaluate_scores_each_variant_with_the_judge(toy, tmp_path):
+    """evaluate.py on the toy world: the judge's columns are its reading of the generated images
+    against the concept's labels (class, pattern, colours) and the prompt's words (background, size)."""
+    import shutil
+
+    out, _, _ = toy
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    labels = json.load(open(os.path.join(out, "concepts", "labels.json")))
+    first = sorted(labels)[:2]
+    for f in first:
+        shutil.copy(os.path.join(out, "concepts", f), photos / f)
+    json.dump({f: labels[f] for f in first}, open(photos / "labels.json", "w"))
+    (tmp_path / "p.txt").write_text("a photo of a small S* on a red background\n")
+    cfg = evaluate.Config(images=str(photos), prompts=str(tmp_path / "p.txt"), encoder="random", preset="toy",
+                          base=os.path.join(out, "sd"), clip=os.path.join(out, "clip-h"),
+                          eval_clip=os.path.join(out, "clip-b"), variants="full", num_images=2, steps=2, tune_steps=1,
+                          batch_size=2, out=str(tmp_path / "eval"), device="cpu")
+    rep = evaluate.main(cfg)
+    s = rep["summary"]["full"]
+    assert set(s["judge"]) == {"class", "pattern", "colours", "background", "size"}
+    judge = toyworld.load_judge(os.path.join(out, "judge.pt"))
+    cells = []
+    for f in first:
+        cell = rep["variants"]["full"][f[:-4]]["prompts"]["a photo of a small S* on a red background"]
+        verdicts = judge.read([Image.open(tmp_path / "eval" / p) for p in cell["images"]])
+        want = {"class": labels[f]["class"], "background": "red", "size": "small"}
+        assert cell["judge"]["class"] == sum(v["class"] == want["class"] for v in verdicts) / 2
+        assert cell["judge"]["background"] == sum(v["background"] == "red" for v in verdicts) / 2
+        cells.append(cell["judge"]["size"])
+    assert s["judge"]["size"]["mean"] == pytest.approx(sum(cells) / 2)
+    assert sum(s["hard_tokens"].values()) == 2 and s["noun_in_3_nearest"]["n"] == 2 and -1 <= s["v_pairwise_cos"] <= 1
+    table = open(tmp_path / "eval" / "metrics.md").read()
+    assert "judge: class" in table and "hard tokens" in table

@@ -385,6 +385,9 @@ def test_validation_gap_is_exactly_zero_for_an_image_blind_encoder_and_not_other
         enc.unet_proj.weight.zero_()
     rec = pretrain.validate(cfg, comps, enc, val, step=2, out_dir=str(tmp_path / "o"))
     assert rec["gap"] == 0 and rec["gap_se"] == 0 and rec["matched"] == rec["swapped"]
+    # ... and its v* have collapsed: one v* for all three images, one nearest word.
+    assert rec["v_pairwise_cos"] == pytest.approx(1, abs=1e-5) and list(rec["top_words"].values()) == [3]
+    assert sorted(rec["words"]) == ["c0.png", "c1.png", "c2.png"] and len({tuple(w) for w in rec["words"].values()}) == 1
     assert sorted(os.listdir(tmp_path / "o" / "val")) == ["step_0000001.png", "step_0000002.png"]
 
 
