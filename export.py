@@ -43,6 +43,7 @@ class Config:
     format: str = ",".join(FORMATS)  # comma list of diffusers, kohya
     token: str | None = None  # the new word for the concept; default <concept file's stem>
     force: bool = False  # write into a non-empty OUT (replacing our files there)
+    base: str | None = None  # toy / sd15: the model folder the concept is checked against (default: the concept's)
 
 
 UserError = cmdline.UserError
@@ -163,6 +164,11 @@ def main(cfg: Config):
         raise UserError(f"no concept file at {cfg.concept}")
     try:
         concept = model.load_concept(cfg.concept)  # checks keys, shapes and finiteness too
+        # ... and against its model's architecture (text width, vocabulary, LoRA layer shapes), so
+        # that a damaged concept never leaves as a broken LoRA in someone else's tool.
+        model.check_concept_fits(concept, cfg.concept, model.preset_architecture(concept["preset"],
+                                                                                  cfg.base or concept["base"] or None),
+                                 model.build_tokenizer())
     except ValueError as e:
         raise UserError(str(e)) from None
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):

@@ -494,13 +494,30 @@ def encode_soft_and_hard(text_encoder, tokenizer, prompts: list[str], v_star: to
 def nearest_tokens(v: torch.Tensor, token_table: torch.Tensor, k: int = 1, exclude=SPECIAL_IDS):
     """Cosine top-k rows of the token table for each v (N, D) -> (ids (N, k), cosines (N, k)).
 
-    Special tokens (start/end of text) are never returned. No gradient flows through the search.
+    Only words are returned: never the special tokens (start/end of text), and never a row of
+    zeros -- a row the text encoder was never trained on carries no meaning, and a model that
+    leaves such rows in its table marks them by zeroing them (SD 1.5's CLIP trained every row, so
+    this excludes nothing there). No gradient flows through the search.
     """
-    table = F.normalize(token_table.float(), dim=-1)  # (V, D)
-    sims = F.normalize(v.detach().float(), dim=-1) @ table.T  # (N, V)
+    table = token_table.detach().float()
+    sims = F.normalize(v.detach().float(), dim=-1) @ F.normalize(table, dim=-1).T  # (N, V)
     sims[:, list(exclude)] = -float("inf")
+    sims[:, ~word_rows(table)] = -float("inf")  # a row of zeros is no word
     cos, ids = sims.topk(k, dim=-1)
     return ids, cos
+
+
+def word_rows(token_table: torch.Tensor) -> torch.Tensor:
+    """(V,) bool: the rows of the token table that are words, i.e. not all zeros."""
+    return token_table.detach().ne(0).any(dim=-1)
+
+
+def nearest_words(tokenizer, token_table: torch.Tensor, v: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
+    """v (N, D) -> for each row, its k nearest words and their cosines, e.g. [("star", 0.91), ...]
+    (what v* "reads as", Sec. 4.2; a batch of v* that all read as the same word has collapsed)."""
+    ids, cos = nearest_tokens(v, token_table, k=k)
+    return [[(tokenizer.convert_ids_to_tokens(int(i)).replace("</w>", ""), round(float(c), 3))
+             for i, c in zip(row_ids, row_cos)] for row_ids, row_cos in zip(ids, cos)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -655,12 +672,14 @@ class TuningEncoder(nn.Module):
 
 
 def typical_token_norm(token_table: torch.Tensor) -> float | None:
-    """Median L2 norm of the real (non-special) rows of the token-embedding table."""
+    """Median L2 norm of the words of the token-embedding table (not the special tokens, not
+    the all-zero rows that mark tokens the text encoder never learned; see nearest_tokens)."""
     if token_table.device.type == "meta":  # shapes only (tests): nothing to measure
         return None
-    keep = torch.ones(token_table.shape[0], dtype=torch.bool)
+    table = token_table.detach().float().cpu()
+    keep = word_rows(table)
     keep[list(SPECIAL_IDS)] = False
-    return token_table.detach().float().cpu()[keep].norm(dim=-1).median().item()
+    return table[keep].norm(dim=-1).median().item()
 
 
 def build_encoder(comps: Components, layer_names: list[str], hypernet: bool = True) -> TuningEncoder:
@@ -697,14 +716,43 @@ def encoder_checkpoint(encoder: TuningEncoder, comps: Components, step: int, **e
 
 
 def load_encoder_checkpoint(path: str) -> dict:
-    """Load an encoder checkpoint (weights_only) and check that it is ours. Raises ValueError."""
+    """Load an encoder checkpoint (weights_only) and check that it is ours, with the keys and
+    types that describe it. (check_encoder_state checks its tensors against the model.) Raises ValueError."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or one holding arbitrary objects
-        raise ValueError(f"{path} is not an encoder checkpoint written by pretrain.py "
-                         f"({e.__class__.__name__})") from None
+    except Exception as e:  # not a torch file, a truncated or corrupted one, or one holding arbitrary objects
+        raise ValueError(f"{path} is not an encoder checkpoint written by pretrain.py (it does not load: "
+                         f"{e.__class__.__name__})") from None
+    if isinstance(ckpt, dict) and ckpt.get("format") == CONCEPT_FORMAT:
+        raise ValueError(f"{path} is a concept file from tune.py, not an encoder checkpoint: pass it to "
+                         f"sample.py --concept")
     if not isinstance(ckpt, dict) or ckpt.get("format") != ENCODER_FORMAT:
-        raise ValueError(f"{path} is not an encoder checkpoint written by pretrain.py")
+        raise ValueError(f"{path} is not an encoder checkpoint written by pretrain.py (no format {ENCODER_FORMAT!r})")
+    for key, ok, want in (
+        ("preset", lambda x: x in PRESETS, f"one of {', '.join(PRESETS)}"),
+        ("step", lambda x: _is_int(x) and x >= 0, "an int >= 0"),
+        ("hypernet", lambda x: isinstance(x, bool), "True or False"),
+        ("encoder", lambda x: isinstance(x, dict) and all(isinstance(k, str) for k in x), "a dict {name: tensor}"),
+        ("layer_names", lambda x: isinstance(x, list) and x and all(isinstance(n, str) for n in x),
+         "a non-empty list of layer names"),
+        ("layer_shapes", lambda x: isinstance(x, list) and all(
+            isinstance(s, (list, tuple)) and len(s) == 2 and all(_is_int(d) and d > 0 for d in s) for s in x),
+         "a list of [D_in, D_out] pairs"),
+        ("encoder_dims", lambda x: isinstance(x, dict) and all(_is_int(x.get(k)) and x[k] > 0 for k in
+                                                               ("clip_channels", "unet_channels")),
+         "a dict with positive ints clip_channels and unet_channels"),
+        ("base", lambda x: x is None or isinstance(x, str), "a string"),
+        ("clip", lambda x: x is None or isinstance(x, str), "a string"),
+    ):
+        if key not in ckpt and key not in ("base", "clip", "hypernet"):
+            raise ValueError(f"{path} lacks {key}: not a complete encoder checkpoint")
+        if key in ckpt and not ok(ckpt[key]):
+            value = ckpt[key]
+            shown = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else _what(value)
+            raise ValueError(f"{path}: {key} must be {want}, got {shown[:80]}")
+    if len(ckpt["layer_shapes"]) != len(ckpt["layer_names"]):
+        raise ValueError(f"{path}: {len(ckpt['layer_names'])} layer_names but {len(ckpt['layer_shapes'])} "
+                         f"layer_shapes")
     return ckpt
 
 
@@ -732,14 +780,49 @@ def _weights_id(where: str) -> str:
     return os.path.abspath(where) if os.path.exists(where) else where
 
 
-def encoder_from_checkpoint(ckpt: dict, comps: Components) -> TuningEncoder:
-    """Rebuild the trainable encoder of a checkpoint for these components."""
+def check_encoder_state(state: dict, expected: dict, path: str, what: str = "encoder"):
+    """A checkpoint's tensors against those of the module they will be loaded into: the same
+    names, each a floating-point tensor of the expected shape with finite, plausible values.
+    Raises ValueError naming the file, the key and what was expected (load_state_dict's own
+    errors are a multi-line traceback)."""
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing:
+        raise ValueError(f"{path}: {what} lacks {len(missing)} tensor(s), e.g. {missing[0]!r}")
+    if extra:
+        raise ValueError(f"{path}: {what} holds {len(extra)} tensor(s) this model does not have, e.g. {extra[0]!r}")
+    for k, want in expected.items():
+        t = state[k]
+        check_tensor(t, path, f"{what}[{k!r}]")
+        if t.shape != want.shape:
+            raise ValueError(f"{path}: {what}[{k!r}] has shape {tuple(t.shape)}, this model needs {tuple(want.shape)}")
+
+
+def encoder_from_checkpoint(ckpt: dict, comps: Components, path: str = "the encoder checkpoint",
+                            layer_names: list[str] | None = None) -> TuningEncoder:
+    """Rebuild the trainable encoder of a (loaded) checkpoint for these components, after checking
+    it against them: the preset, the backbones' widths, the LoRA layers (names and shapes, in the
+    UNet's order) and every tensor. Raises ValueError (one line)."""
     if ckpt["preset"] != comps.preset:
-        raise ValueError(f"the encoder checkpoint is for preset {ckpt['preset']!r}, not {comps.preset!r}")
-    enc = TuningEncoder(
-        comps.cfg, ckpt["encoder_dims"]["clip_channels"], ckpt["encoder_dims"]["unet_channels"],
-        ckpt["layer_names"], [tuple(s) for s in ckpt["layer_shapes"]], hypernet=ckpt.get("hypernet", True),
-    )
+        raise ValueError(f"the encoder checkpoint {path} is for preset {ckpt['preset']!r}, not {comps.preset!r}")
+    dims = ckpt["encoder_dims"]
+    have = {"clip_channels": comps.image_encoder.transformer.width,
+            "unet_channels": comps.unet.config.block_out_channels[-1]}
+    for k, v in have.items():
+        if dims[k] != v:
+            raise ValueError(f"{path}: encoder_dims {k} is {dims[k]}, this preset's backbone has {v}")
+    names = layer_names if layer_names is not None else dualpath.lora_layer_names(comps.unet)
+    if list(ckpt["layer_names"]) != list(names):
+        bad = next((n for n in ckpt["layer_names"] if n not in names), None)
+        raise ValueError(f"{path}: layer_names are not this UNet's {len(names)} LoRA layers"
+                         + (f" ({bad!r} is not one of them)" if bad else f" (it lists {len(ckpt['layer_names'])})"))
+    shapes = lora_shapes(comps.unet, names)
+    for n, s, want in zip(names, ckpt["layer_shapes"], shapes):
+        if tuple(s) != tuple(want):
+            raise ValueError(f"{path}: layer_shapes gives {n} the shape {tuple(s)}, this UNet's is {tuple(want)}")
+    enc = TuningEncoder(comps.cfg, dims["clip_channels"], dims["unet_channels"], list(names), shapes,
+                        hypernet=ckpt.get("hypernet", True))
+    check_encoder_state(ckpt["encoder"], enc.state_dict(), path)
     enc.load_state_dict(ckpt["encoder"])
     return enc
 
@@ -836,17 +919,20 @@ def make_concept(comps: Components, v: torch.Tensor, lora: dict, placeholder: st
     v (1, D) the tuned word embedding v*; lora {module path: (A (1, D_in, r), B (1, r, D_out))}
     (may be empty: textual inversion has no LoRA); tuning: the settings that made it.
     Keys: format, placeholder, v_star (D,), token_id / token (v*'s nearest real token, for C_h),
-    lora_A / lora_B ({module path: (D_in, r) / (r, D_out)}), rank, lora_scale, alpha_blend,
-    preset, base, layer_names, tuning, first_loss, final_loss. Loads with weights_only=True.
+    nearest_words (its five nearest words with their cosines), lora_A / lora_B ({module path:
+    (D_in, r) / (r, D_out)}), rank, lora_scale, alpha_blend, preset, base, layer_names, tuning,
+    first_loss, final_loss. Loads with weights_only=True.
     """
     v = v.detach().float()
     token_id = int(nearest_tokens(v, comps.token_table, k=1)[0][0, 0])
+    words = nearest_words(comps.tokenizer, comps.token_table, v, k=5)[0]
     return {
         "format": CONCEPT_FORMAT,
         "placeholder": placeholder,
         "v_star": v[0].cpu(),
         "token_id": token_id,
         "token": comps.tokenizer.convert_ids_to_tokens(token_id).replace("</w>", ""),
+        "nearest_words": [[w, c] for w, c in words],  # v*'s five nearest words and cosines (what it reads as)
         "lora_A": {k: A.detach()[0].cpu().float().contiguous() for k, (A, _) in lora.items()},
         "lora_B": {k: B.detach()[0].cpu().float().contiguous() for k, (_, B) in lora.items()},
         "rank": comps.cfg.lora_rank,
@@ -862,43 +948,226 @@ def make_concept(comps: Components, v: torch.Tensor, lora: dict, placeholder: st
 
 
 def load_concept(path: str) -> dict:
-    """Load a concept file (weights_only) and check that it is ours. Raises ValueError."""
+    """Load a concept file (weights_only) and check that it is ours and whole. Raises ValueError
+    (one line naming the file, the key and what was expected); FileNotFoundError passes through."""
+    foreign = foreign_file(path)
+    if foreign:
+        raise ValueError(f"{path} is {foreign}")
     try:
         concept = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as e:  # not a torch file, or one holding arbitrary objects
-        raise ValueError(f"{path} is not a concept file written by tune.py ({e.__class__.__name__})") from None
+    except Exception as e:  # not a torch file, a truncated or corrupted one, or one holding arbitrary objects
+        raise ValueError(f"{path} is not a concept file written by tune.py (it does not load: "
+                         f"{e.__class__.__name__})") from None
+    foreign = foreign_content(concept)
+    if foreign:
+        raise ValueError(f"{path} is {foreign}")
     if not isinstance(concept, dict) or concept.get("format") != CONCEPT_FORMAT:
-        raise ValueError(f"{path} is not a concept file written by tune.py")
+        raise ValueError(f"{path} is not a concept file written by tune.py (no format {CONCEPT_FORMAT!r})")
     check_concept(concept, path)
     return concept
 
 
+# What a file that is not ours is, and what to do with it (files people pass as --concept by
+# mistake: what our export.py writes, what other personalisation tools write).
+_MAKE_ONE = "make a concept file with `python tune.py --image IMG --out concept.pt`"
+
+
+def foreign_file(path: str) -> str | None:
+    """A safetensors file (a LoRA or a textual-inversion embedding from diffusers, kohya or our
+    export.py) described in words, or None. Reads only the file's small JSON header."""
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if not 2 <= n <= 100_000_000:
+                return None
+            header = json.loads(f.read(n).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    keys = [k for k in header if k != "__metadata__"]
+    if any("lora" in k.lower() for k in keys):
+        return (f"a LoRA in safetensors format ({len(keys)} tensors), not a concept file from tune.py: load it in "
+                f"diffusers with pipe.load_lora_weights(...), or {_MAKE_ONE}")
+    if keys and len(keys) <= 2:
+        return (f"a textual-inversion embedding in safetensors format (key {keys[0]!r}), not a concept file from "
+                f"tune.py: load it in diffusers with pipe.load_textual_inversion(...), or {_MAKE_ONE}")
+    return f"a safetensors file ({len(keys)} tensors), not a concept file from tune.py: {_MAKE_ONE}"
+
+
+def foreign_content(obj) -> str | None:
+    """A loaded torch file that is someone else's (a textual-inversion .bin / .pt, our own encoder
+    checkpoint), described in words, or None."""
+    if not isinstance(obj, dict):
+        return None
+    if obj.get("format") == ENCODER_FORMAT:
+        return ("an encoder checkpoint from pretrain.py, not a concept: make a concept with "
+                "`python tune.py --encoder THIS_FILE --image IMG --out concept.pt`")
+    if "string_to_param" in obj:
+        return (f"a textual-inversion embedding (AUTOMATIC1111 format), not a concept file from tune.py: "
+                f"use it in AUTOMATIC1111, or {_MAKE_ONE}")
+    if "format" not in obj and len(obj) == 1 and isinstance(next(iter(obj.values())), torch.Tensor):
+        return (f"a textual-inversion embedding (diffusers format, token {next(iter(obj))!r}), not a concept file "
+                f"from tune.py: load it in diffusers with pipe.load_textual_inversion(...), or {_MAKE_ONE}")
+    return None
+
+
 CONCEPT_KEYS = ("placeholder", "v_star", "token_id", "token", "lora_A", "lora_B", "rank", "lora_scale", "alpha_blend",
                 "preset", "base")
+# No tuned concept comes near this: SD 1.5's token embeddings have norms below 1 and a tuned LoRA's
+# entries are far below 1. A larger value is a damaged file (and overflows in fp16).
+MAX_ABS_VALUE = 1e4
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _what(x) -> str:
+    """A value's type in words, for error messages (a tensor with its shape and dtype)."""
+    if isinstance(x, torch.Tensor):
+        return f"a {str(x.dtype).replace('torch.', '')} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def check_tensor(t, path: str, key: str, dims: int | None = None):
+    """A floating-point tensor with finite, plausible values (and `dims` dimensions). Raises ValueError."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{path}: {key} must be a tensor, got {_what(t)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{path}: {key} must hold floating-point numbers, got {_what(t)}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{path}: {key} must have {dims} dimension(s), got {_what(t)}")
+    if t.numel() and not torch.isfinite(t).all():
+        raise ValueError(f"{path}: {key} holds NaN or infinite values (did training or tuning diverge?)")
+    if t.numel() and t.detach().abs().max().item() > MAX_ABS_VALUE:
+        raise ValueError(f"{path}: {key} holds values as large as {t.detach().abs().max().item():.3g} "
+                         f"(above {MAX_ABS_VALUE:g}): the file is damaged")
 
 
 def check_concept(concept: dict, path: str = "the concept"):
-    """Every key present, shapes that fit together, finite numbers. Raises ValueError (one line)."""
+    """The file on its own: every key present with its type, shapes that fit together, finite
+    plausible numbers. (check_concept_fits checks it against a model.) Raises ValueError (one line)."""
     missing = [k for k in CONCEPT_KEYS if k not in concept]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: not a complete concept file")
-    v, r = concept["v_star"], concept["rank"]
-    if not isinstance(v, torch.Tensor) or v.dim() != 1:
-        raise ValueError(f"{path}: v_star must be a vector, got {getattr(v, 'shape', type(v).__name__)}")
+    for key, ok, want in (("placeholder", lambda x: isinstance(x, str) and x.strip() != "", "a non-empty string"),
+                          ("token", lambda x: isinstance(x, str), "a string"),
+                          ("preset", lambda x: x in PRESETS, f"one of {', '.join(PRESETS)}"),
+                          ("base", lambda x: isinstance(x, str), "a string"),
+                          ("token_id", lambda x: _is_int(x) and x >= 0, "a token id (an int >= 0)"),
+                          ("rank", lambda x: _is_int(x) and x > 0, "a positive int"),
+                          ("lora_scale", lambda x: _is_number(x) and math.isfinite(x), "a finite number"),
+                          ("alpha_blend", lambda x: _is_number(x) and 0 <= x <= 1, "a number in [0, 1]"),
+                          ("lora_A", lambda x: isinstance(x, dict), "a dict {layer: tensor}"),
+                          ("lora_B", lambda x: isinstance(x, dict), "a dict {layer: tensor}")):
+        value = concept[key]
+        if not ok(value):
+            shown = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else _what(value)
+            raise ValueError(f"{path}: {key} must be {want}, got {shown[:80]}")
+    check_tensor(concept["v_star"], path, "v_star", dims=1)
+    if concept["v_star"].numel() == 0:
+        raise ValueError(f"{path}: v_star is empty")
     if set(concept["lora_A"]) != set(concept["lora_B"]):
         raise ValueError(f"{path}: lora_A and lora_B name different layers")
+    r = concept["rank"]
     for name, A in concept["lora_A"].items():
+        if not isinstance(name, str):
+            raise ValueError(f"{path}: lora_A's layer names must be strings, got {_what(name)}")
         B = concept["lora_B"][name]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != r or B.shape[0] != r:
+        check_tensor(A, path, f"lora_A[{name!r}]", dims=2)
+        check_tensor(B, path, f"lora_B[{name!r}]", dims=2)
+        if A.shape[1] != r or B.shape[0] != r:
             raise ValueError(f"{path}: layer {name} has A {tuple(A.shape)} and B {tuple(B.shape)}, not (D_in, {r}) "
                              f"and ({r}, D_out)")
-    tensors = [v] + list(concept["lora_A"].values()) + list(concept["lora_B"].values())
-    if not all(torch.isfinite(t).all() for t in tensors):
-        raise ValueError(f"{path} holds NaN or infinite values (did tuning diverge?)")
-    if not all(math.isfinite(float(concept[k])) for k in ("lora_scale", "alpha_blend")):
-        raise ValueError(f"{path}: lora_scale and alpha_blend must be finite")
+
+
+@dataclass
+class Architecture:
+    """What a concept must fit: the text encoder's width and vocabulary, and the (D_in, D_out)
+    of every projection that takes a LoRA."""
+
+    preset: str
+    text_width: int
+    vocab_size: int
+    lora_shapes: dict  # {module path: (D_in, D_out)}
+
+
+def architecture_of(comps: Components, layer_names: list[str]) -> Architecture:
+    """The architecture of loaded components (layer_names: the UNet's LoRA layers)."""
+    table = comps.token_table
+    return Architecture(comps.preset, table.shape[1], table.shape[0],
+                        dict(zip(layer_names, lora_shapes(comps.unet, layer_names))))
+
+
+def preset_architecture(preset: str, base: str | None = None) -> Architecture:
+    """A preset's architecture without its weights (export.py checks concepts against it): the
+    UNet built on the meta device from its config. toy reads the world's config files (the world
+    must exist); sd15 is SD 1.5's architecture, the same for every SD 1.5 fine-tune."""
+    from diffusers import UNet2DConditionModel
+
+    if preset in ("sd15", "sd15-arch"):
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**_sd15_unet_kwargs())
+        width, vocab = 768, 49408
+    elif preset == "tiny":
+        parts = _build_random("tiny", "meta", with_image_encoder=False)
+        unet, te = parts["unet"], parts["text_encoder"]
+        width, vocab = te.get_input_embeddings().weight.shape[1], te.get_input_embeddings().weight.shape[0]
+    else:
+        import json
+
+        base = weights_for(preset, base, None)[0]
+        with _weights_error(preset, "--base", base):
+            with open(os.path.join(base, "text_encoder", "config.json")) as f:
+                te = json.load(f)
+            with torch.device("meta"):
+                unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base, subfolder="unet"))
+        width, vocab = te["hidden_size"], te["vocab_size"]
+    names = dualpath.lora_layer_names(unet)
+    return Architecture(preset, width, vocab, dict(zip(names, lora_shapes(unet, names))))
+
+
+def check_concept_fits(concept: dict, path: str, arch: Architecture, tokenizer=None):
+    """A (checked) concept against the model it is applied to: v* as wide as the text encoder's
+    token embeddings, its hard token a word of this vocabulary (and, given the tokenizer, the
+    word the file names), every LoRA layer a projection of this UNet with A (D_in, r) and
+    B (r, D_out) for that projection. Raises ValueError (one line)."""
+    if concept["preset"] != arch.preset:
+        raise ValueError(f"{path} was tuned for preset {concept['preset']!r}, not {arch.preset!r}: use it with "
+                         f"--preset {concept['preset']}, or tune a concept for {arch.preset} with "
+                         f"`python tune.py --preset {arch.preset} --image IMG`")
+    D = concept["v_star"].numel()
+    if D != arch.text_width:
+        raise ValueError(f"{path}: v_star has {D} numbers, but this text encoder's token embeddings have "
+                         f"{arch.text_width}: the file is damaged or from another model")
+    tid = concept["token_id"]
+    if not 0 <= tid < arch.vocab_size or tid in SPECIAL_IDS:
+        raise ValueError(f"{path}: token_id {tid} is not a word of this text encoder's vocabulary "
+                         f"(ids 0-{arch.vocab_size - 1}, not the start/end tokens)")
+    if tokenizer is not None:
+        word = tokenizer.convert_ids_to_tokens(tid).replace("</w>", "")
+        if word != concept["token"]:
+            raise ValueError(f"{path}: token_id {tid} is {word!r} in this tokenizer, but the file names "
+                             f"{concept['token']!r}: the file is damaged or from another tokenizer")
+    for name, A in concept["lora_A"].items():
+        if name not in arch.lora_shapes:
+            raise ValueError(f"{path}: LoRA layer {name!r} is not an attention projection of this UNet "
+                             f"(preset {arch.preset}): the file is damaged or from another model")
+        d_in, d_out = arch.lora_shapes[name]
+        B, r = concept["lora_B"][name], concept["rank"]
+        if tuple(A.shape) != (d_in, r) or tuple(B.shape) != (r, d_out):
+            raise ValueError(f"{path}: layer {name} has A {tuple(A.shape)} and B {tuple(B.shape)}; this UNet's "
+                             f"projection needs ({d_in}, {r}) and ({r}, {d_out})")
 
 
 def concept_lora(concept: dict, device=None, dtype=None) -> dict:

@@ -18,6 +18,7 @@ Writes OUT/encoder.pt (latest; what tune.py reads), OUT/encoder_{step:07d}.pt ev
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -238,11 +239,29 @@ def validate(cfg: Config, comps, encoder, val: dict, step: int, out_dir: str) ->
           for _, lora in concepts]  # ||Delta W||_F over all layers
     rec = {"event": "val", "step": step, "images": val["folder"], "matched": sum(matched) / n,
            "swapped": sum(swapped) / n, "gap": gap["mean"], "gap_se": gap["se"],
-           "v_norm": sum(v.norm().item() for v, _ in concepts) / n, "delta_w_norm": sum(dw) / n, "n": n}
+           "v_norm": sum(v.norm().item() for v, _ in concepts) / n, "delta_w_norm": sum(dw) / n, "n": n,
+           **collapse_stats(comps, torch.cat([v for v, _ in concepts]), val["files"])}
     tag = "" if val["folder"] == val_folders(cfg)[0] else "_" + os.path.basename(os.path.normpath(val["folder"]))
     _reconstruction_grid(cfg, comps, concepts, val, os.path.join(out_dir, "val", f"step_{step:07d}{tag}.png"))
     encoder.train()
     return rec
+
+
+def collapse_stats(comps, v: torch.Tensor, files: list[str]) -> dict:
+    """Has v* collapsed (Sec. 5.2's "mode collapse")? v (n, D): the held-out images' predictions.
+    v_pairwise_cos: the mean cosine between the v* of two different images (1 = one v* for
+    every image); top_words: the most common nearest words of the n v* with their counts;
+    words: each image's three nearest words, by file name."""
+    vn = torch.nn.functional.normalize(v.float(), dim=-1)
+    n = len(vn)
+    cos = ((vn @ vn.T).sum() - n) / max(1, n * (n - 1))  # off-diagonal mean
+    near = model.nearest_words(comps.tokenizer, comps.token_table, v, k=3)
+    counts = {}
+    for words in near:
+        counts[words[0][0]] = counts.get(words[0][0], 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:5]
+    return {"v_pairwise_cos": round(cos.item(), 4), "top_words": dict(top),
+            "words": {f: [w for w, _ in words] for f, words in zip(files, near)}}
 
 
 @torch.no_grad()
@@ -359,22 +378,88 @@ def save_checkpoint(cfg: Config, comps, encoder, opt, sched, step: int, periodic
         cmdline.atomic_save(ckpt, os.path.join(cfg.out, f"encoder_{step:07d}.pt"))
 
 
-def resume_from_checkpoint(cfg: Config, encoder, opt, sched, device, master: bool) -> int:
+def check_resumable(path: str, comps, encoder, opt) -> dict:
+    """Load a checkpoint for --resume and check all of it against this run before touching
+    anything: the encoder's tensors (names, shapes, finite values), the optimiser's state (one
+    moment per parameter, of its shape), the scheduler and the RNG states. Raises ValueError
+    naming the file and what is wrong."""
+    ckpt = model.load_encoder_checkpoint(path)
+    if ckpt["preset"] != comps.preset:
+        raise ValueError(f"{path} is for preset {ckpt['preset']!r}, not {comps.preset!r}")
+    if list(ckpt["layer_names"]) != list(encoder.layer_names) or ckpt.get("hypernet", True) != encoder.hypernet:
+        raise ValueError(f"{path}: its LoRA layers or hypernetwork setting are not this run's")
+    model.check_encoder_state(ckpt["encoder"], encoder.state_dict(), path)
+    o, want = ckpt.get("optimizer"), opt.state_dict()
+    if not (isinstance(o, dict) and isinstance(o.get("state"), dict) and isinstance(o.get("param_groups"), list)
+            and [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in o["param_groups"]]
+            == [len(g["params"]) for g in want["param_groups"]]):
+        raise ValueError(f"{path}: optimizer must be the state of this run's AdamW "
+                         f"({sum(len(g['params']) for g in want['param_groups'])} parameters)")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, s in o["state"].items():
+        if not (_is_index(i, len(params)) and isinstance(s, dict)):
+            raise ValueError(f"{path}: optimizer state {i!r} is not one of this run's {len(params)} parameters")
+        for k, t in s.items():
+            if k == "step":
+                continue
+            model.check_tensor(t, path, f"optimizer state[{i}][{k!r}]")
+            if t.shape != params[i].shape:
+                raise ValueError(f"{path}: optimizer state[{i}][{k!r}] has shape {tuple(t.shape)}, "
+                                 f"its parameter {tuple(params[i].shape)}")
+    if not isinstance(ckpt.get("scheduler"), dict):
+        raise ValueError(f"{path}: scheduler must be the LR schedule's state (a dict)")
+    rng = ckpt.get("rng")
+    torch_state = torch.get_rng_state()
+    if not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
+            and rng["torch"].dtype == torch_state.dtype and rng["torch"].shape == torch_state.shape):
+        raise ValueError(f"{path}: rng['torch'] must be a torch RNG state ({tuple(torch_state.shape)} bytes)")
+    py = rng.get("python")
+    if not (isinstance(py, list) and len(py) == 625 and all(model._is_int(x) and 0 <= x < 2 ** 32 for x in py)):
+        raise ValueError(f"{path}: rng['python'] must be Python's Mersenne Twister state (625 ints)")
+    return ckpt
+
+
+def _is_index(i, n: int) -> bool:
+    return model._is_int(i) and 0 <= i < n
+
+
+def resume_from_checkpoint(cfg: Config, comps, encoder, opt, sched, device, master: bool) -> int:
     """Restore weights, optimiser, schedule and RNG from --resume (or OUT/encoder.pt for "auto").
-    Returns the step to continue from (0 when there is nothing to resume)."""
+    Returns the step to continue from (0 when there is nothing to resume). A damaged checkpoint
+    is a one-line error; with --resume auto, the newest good periodic OUT/encoder_STEP.pt is
+    used instead, with a warning (the run then repeats the steps after it)."""
     path = os.path.join(cfg.out, "encoder.pt") if cfg.resume == "auto" else cfg.resume
     if not (path and os.path.exists(path)):
         return 0
     try:
-        ckpt = model.load_encoder_checkpoint(path)
+        ckpt = check_resumable(path, comps, encoder, opt)
     except ValueError as e:
-        raise cmdline.UserError(str(e)) from None
+        if cfg.resume != "auto":
+            raise cmdline.UserError(f"--resume: {e}") from None
+        ckpt, path = None, f"{path} ({e})"
+        for older in sorted(glob.glob(os.path.join(cfg.out, "encoder_*.pt")), reverse=True):
+            try:
+                ckpt = check_resumable(older, comps, encoder, opt)
+            except ValueError:
+                continue
+            if master:
+                print(f"pretrain.py: warning: {path}: resuming from {older}, the newest good checkpoint",
+                      file=sys.stderr)
+            path = older
+            break
+        if ckpt is None:
+            raise cmdline.UserError(f"--resume auto: {e}; no good encoder_STEP.pt beside it either "
+                                    f"(delete {os.path.join(cfg.out, 'encoder.pt')} to start afresh)") from None
     encoder.load_state_dict(ckpt["encoder"])
-    opt.load_state_dict(ckpt["optimizer"])
-    sched.load_state_dict(ckpt["scheduler"])
+    try:
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:  # what the checks above cannot see
+        raise cmdline.UserError(f"--resume: {path}: its optimizer or scheduler state does not fit this run "
+                                f"({e.__class__.__name__})") from None
     torch.set_rng_state(ckpt["rng"]["torch"])
     random.setstate((3, tuple(ckpt["rng"]["python"]), None))  # (version 3, Mersenne state, no gauss)
-    if "cuda" in ckpt["rng"] and device.type == "cuda":
+    if isinstance(ckpt["rng"].get("cuda"), torch.Tensor) and device.type == "cuda":
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     if master:
         print(f"resumed from {path} at step {ckpt['step']}", file=sys.stderr)
@@ -439,8 +524,9 @@ class RunLog:
     def validation(self, rec: dict):
         self.bar.write(f"step {rec['step']}: val [{rec['images']}] gap (swapped - matched) "
                        f"{rec['gap']:+.5f} ± {rec['gap_se']:.5f}, "
-                       f"matched {rec['matched']:.5f}, |v*| {rec['v_norm']:.3f}, |dW| {rec['delta_w_norm']:.3f}",
-                       file=sys.stderr)
+                       f"matched {rec['matched']:.5f}, |v*| {rec['v_norm']:.3f}, |dW| {rec['delta_w_norm']:.3f}, "
+                       f"v* pairwise cos {rec['v_pairwise_cos']:.3f}, nearest words "
+                       + ", ".join(f"{w} x{c}" for w, c in rec["top_words"].items()), file=sys.stderr)
         self.write(rec)
         self.validated_step = rec["step"]
 
@@ -507,7 +593,7 @@ def train(cfg: Config, device, rank: int, world: int):
 
     # 3) Resume (weights, optimiser, schedule, RNG), then wrap in DDP, which averages the
     #    gradients of all ranks during backward().
-    step = resume_from_checkpoint(cfg, encoder, opt, sched, device, master)
+    step = resume_from_checkpoint(cfg, comps, encoder, opt, sched, device, master)
     ddp_encoder = DDP(encoder, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else encoder
 
     # 4) Data: every rank reads its own shard; held-out images for the validation signal (rank 0).

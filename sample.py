@@ -167,12 +167,30 @@ def load_concept_checked(cfg: Config):
     except ValueError as e:
         raise UserError(str(e)) from None
     if cfg.preset and cfg.preset != concept["preset"]:
-        raise UserError(f"{cfg.concept} was tuned for preset {concept['preset']!r}, not {cfg.preset!r}")
+        raise UserError(f"{cfg.concept} was tuned for preset {concept['preset']!r}, not {cfg.preset!r}: sample it "
+                        f"with --preset {concept['preset']}, or tune a concept for {cfg.preset} with "
+                        f"`python tune.py --preset {cfg.preset} --image IMG`")
     try:
         model.check_same_weights(f"the concept {cfg.concept}", concept, cfg.base, None)
     except ValueError as e:
         raise UserError(str(e)) from None
     return concept, concept["preset"]
+
+
+def check_concept_fits(concept: dict, path: str, comps, names: list[str]):
+    """The concept against the loaded text encoder and UNet (v* width, its hard token, every LoRA
+    layer's shapes): a one-line UserError if it does not fit. Warns when v*'s nearest word in this
+    text encoder is not the one stored (weights other than those it was tuned on)."""
+    try:
+        model.check_concept_fits(concept, path, model.architecture_of(comps, names), comps.tokenizer)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    v = concept["v_star"].to(comps.token_table.device)[None]
+    nearest = int(model.nearest_tokens(v, comps.token_table, k=1)[0][0, 0])
+    if nearest != concept["token_id"]:
+        word = comps.tokenizer.convert_ids_to_tokens(nearest).replace("</w>", "")
+        warnings.warn(f"v*'s nearest word in this text encoder is {word!r}, not the file's {concept['token']!r}: "
+                      f"was the concept tuned on other weights? (C_h keeps the file's word)")
 
 
 def benchmark_plain(cfg: Config, pipe, comps, concept, preset: str, args: dict, batch: int, s_per_image: float,
@@ -209,8 +227,8 @@ def main(cfg: Config):
     comps = model.load_components(preset, device=device, dtype=model.frozen_dtype(device), base=base,
                                   with_image_encoder=False)
     names = dualpath.install_dual_path(comps.unet)
-    if concept is not None and set(concept["lora_A"]) - set(names):
-        raise UserError(f"{cfg.concept} does not match this UNet's attention layers")
+    if concept is not None:
+        check_concept_fits(concept, cfg.concept, comps, names)
     pipe = build_pipeline(comps)
     pipe.set_progress_bar_config(disable=True)  # one bar over the images instead
     if cfg.compile:

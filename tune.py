@@ -126,11 +126,16 @@ def load_models(preset: str, device, base: str, clip: str, grad_checkpointing: b
     return comps, names
 
 
-def build_tuning_encoder(ckpt, comps, names, seed: int) -> model.TuningEncoder:
+def build_tuning_encoder(ckpt, comps, names, seed: int, path: str = "the encoder checkpoint") -> model.TuningEncoder:
+    """The encoder of a checkpoint (checked against these components first: a damaged or foreign
+    file is a one-line UserError), or a seeded random one for ckpt None."""
     if ckpt is None:
         torch.manual_seed(seed)
         return model.build_encoder(comps, names)
-    return model.encoder_from_checkpoint(ckpt, comps)
+    try:
+        return model.encoder_from_checkpoint(ckpt, comps, path, names)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def view_latents(comps, image, n: int, seed: int, augment: bool = True, chunk: int = 4) -> torch.Tensor:
@@ -299,16 +304,18 @@ def main(cfg: Config):
     cmdline.check_output(cfg.out, "file")  # (a missing parent folder is created when the file is written)
     device = cmdline.resolve_device(cfg.device)
 
-    # 2) Frozen parts (bf16 on CUDA) and the encoder.
+    # 2) Frozen parts (bf16 on CUDA) and the encoder (its checkpoint checked against them: a
+    #    damaged or foreign file stops here with one line).
     comps, names = load_models(preset, device, cfg.base, cfg.clip, cfg.grad_checkpointing)
+    held = [build_tuning_encoder(ckpt, comps, names, cfg.seed, cfg.encoder).to(device)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     print(f"tune.py: {describe_encoder(ckpt)}", file=sys.stderr)
 
-    # 3) Tune. Only tune_concept holds the encoder, so it and the CLIP tower leave memory
-    #    right after their one forward pass.
-    concept, stats = tune_concept(comps, build_tuning_encoder(ckpt, comps, names, cfg.seed).to(device), image, cfg,
-                                  release_backbone=True, log=lambda s: print(s, file=sys.stderr))
+    # 3) Tune. Only tune_concept holds the encoder (held.pop() hands over the one reference), so
+    #    it and the CLIP tower leave memory right after their one forward pass.
+    concept, stats = tune_concept(comps, held.pop(), image, cfg, release_backbone=True,
+                                  log=lambda s: print(s, file=sys.stderr))
     del ckpt
 
     # 4) Write the concept file atomically and report.
@@ -320,6 +327,7 @@ def main(cfg: Config):
     last = f"{concept['final_loss']:.5f}" if concept["final_loss"] is not None else "-"
     print(f"wrote {cfg.out} ({os.path.getsize(cfg.out) / 1e6:.2f} MB): {cfg.steps} steps, loss {first} -> {last}, "
           f"nearest token {concept['token']!r}, {total_s:.2f} s, peak {peak:.2f} GB ({cmdline.device_name(device)})")
+    print("v* reads as: " + ", ".join(f"{w} {c:.3f}" for w, c in concept["nearest_words"]))  # Sec. 4.2
     if cfg.benchmark:
         print(json.dumps({"what": "tune", "preset": preset, "device": cmdline.device_name(device), "steps": cfg.steps,
                           "batch_size": cfg.batch_size, "encoder_s": round(stats["encoder_s"], 4),
