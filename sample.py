@@ -79,13 +79,20 @@ def build_pipeline(comps):
 @torch.no_grad()
 def generate(pipe, comps, concept: dict | None, prompt: str, negative_prompt: str = "", num_images: int = 4,
              steps: int = 50, guidance: float = 7.5, seed: int = 0, alpha_blend: float | None = None,
-             output_type: str = "pil"):
+             output_type: str = "pil", on_step=None):
     """Images for one prompt. concept=None: plain Stable Diffusion (the prompt goes to the
-    pipeline as a string). Image i uses generator seed + i. The plain function behind sample.py."""
+    pipeline as a string). Image i uses generator seed + i. The plain function behind sample.py.
+    on_step(step index), if given, runs after each denoising step (demo.py: progress and Cancel)."""
     device = comps.token_table.device
     gens = [torch.Generator(device).manual_seed(seed + i) for i in range(num_images)]
     common = dict(num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type=output_type,
                   height=comps.cfg.resolution, width=comps.cfg.resolution)
+    if on_step is not None:
+        def step_end(pipe, i, t, kwargs):
+            on_step(i)
+            return kwargs
+
+        common["callback_on_step_end"] = step_end
     if concept is None:
         return pipe(prompt=[prompt] * num_images, negative_prompt=[negative_prompt] * num_images, **common).images
 

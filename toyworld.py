@@ -7,29 +7,35 @@ builds a world small enough to learn on a laptop, and base models trained on it,
 own ecosystems' formats so that `--preset toy` loads them through exactly the code that loads
 SD 1.5 (`--base DIR`, `--clip DIR`):
 
-  the world   32 x 32 pictures of one object. Its CLASS is named by captions ("a star"); its
-              INSTANCE details are never named by the text-to-image captions (a seeded pattern
-              -- striped, dotted or checked -- in two colours: one particular star, as one
+  the world   32 x 32 pictures of one object near the middle. Its CLASS is named by captions
+              ("a star"); its INSTANCE details are never named by the text-to-image captions (a
+              pattern -- striped, dotted or two-tone -- in two colours: one particular star, as one
               particular dog); its CONTEXT is named (background colour, small or large). Concepts
               used for evaluation are instances no training stage has seen.
   the models  a latent text-to-image model: AutoencoderKL + CLIPTextModel (SD 1.5's tokenizer
               and vocabulary) + UNet2DConditionModel with cross-attention, saved with
-              save_pretrained as a diffusers Stable Diffusion folder (OUT/sd); and two CLIPs
-              trained contrastively on the world, saved as open_clip folders: OUT/clip-h (the
-              encoder's image backbone, ViT-H-14's part) and OUT/clip-b (the metric, ViT-B-16's
-              part; another seed and width, so the encoder is never scored by its own backbone).
-              The CLIPs' captions *do* name the instance details, as real CLIP captions often
-              do, so that CLIP-I can tell instances apart.
+              save_pretrained as a diffusers Stable Diffusion folder (OUT/sd). As SD 1.5's text
+              encoder is OpenAI CLIP's text tower, the toy's is the text tower of a CLIP trained
+              on the world (OUT/clip-l, ViT-L-14's part), frozen while the UNet learns; the rows
+              its captions never used are zeroed ("a row of zeros is no word"). Two more CLIPs,
+              saved as open_clip folders: OUT/clip-h (the encoder's image backbone, ViT-H-14's
+              part) and OUT/clip-b (the metric, ViT-B-16's part; another seed and width, so the
+              encoder is never scored by its own backbone). The CLIPs' captions *do* name the
+              instance details, as real CLIP captions often do, so that CLIP-I can tell
+              instances apart; auxiliary label heads and batches of "twins" (the same object in
+              another class, pattern or colours) make them learn shape, not only colour.
+              A judge (a small CNN trained on the world's ground-truth labels, OUT/judge.pt)
+              scores generated pictures: in this world it is the truth.
 
     python toyworld.py --out runs/toyworld                 # every stage; a re-run reuses finished ones
     python toyworld.py --out runs/toyworld --stage competence
     # then the paper, with the ordinary scripts (README, "The paper in miniature"):
     python pretrain.py --preset toy --data runs/toyworld/train --out runs/toy-date ...
 
-Stages (each cached; the long ones checkpoint and resume): world (rendered training set, the
-unseen evaluation concepts, held-out pictures for the validation signal), vae, judge (a classifier
-of the world's ground truth, which scores generated pictures), clip-h, clip-b, t2i (text encoder
-+ UNet), competence (does every model know every attribute: competence.json).
+Stages (each cached; the long ones checkpoint and resume; --jobs 2 runs two lanes at once, one
+thread each): world (rendered training set, the unseen evaluation concepts with labels.json,
+held-out pictures for the validation signal), vae, clip-l (the text encoder), judge, clip-h,
+clip-b, t2i (the UNet), competence (does every model know every attribute: competence.json).
 """
 from __future__ import annotations
 

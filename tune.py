@@ -160,14 +160,15 @@ def lora_from_zero(comps, names: list[str], seed: int) -> dict:
 
 
 def optimise(comps, latents, v0, lora0, *, steps: int, lr_v: float, lr_lora: float, alpha: float,
-             lambda_anchor: float, seed: int, placeholder: str, log=print):
+             lambda_anchor: float, seed: int, placeholder: str, log=print, on_step=None):
     """AdamW on v and every (A, B), from (v0, lora0), on fixed clean latents of the views.
 
     Each step: fresh noise and t, fresh prompt templates, then Eq. (1) through the dual-path
     UNet (Eq. 5) -- the hard token of C_h is v's nearest real token *at this step* -- plus
     lambda_anchor * ||(v, A, B) - (v0, A0, B0)||^2 (Sec. 4.4; 0 turns it off, as for the
-    baselines). A non-finite loss stops the run (UserError). Returns (v, lora, per-step losses,
-    seconds).
+    baselines). A non-finite loss stops the run (UserError). on_step(step index, loss), if given,
+    runs after each step (demo.py draws the losses live; an exception there stops the run).
+    Returns (v, lora, per-step losses, seconds).
     """
     device = latents.device
     v = v0.clone().requires_grad_(True)
@@ -196,18 +197,21 @@ def optimise(comps, latents, v0, lora0, *, steps: int, lr_v: float, lr_lora: flo
             if not math.isfinite(step_losses[-1]):
                 raise UserError(f"the loss became {step_losses[-1]} at step {step + 1}: lower --lr")
             log(f"step {step + 1}/{steps}  loss {step_losses[-1]:.5f}  (Eq. 1: {diff.item():.5f})")
+            if on_step is not None:
+                on_step(step, step_losses[-1])
             bar.update(1)
     cmdline.sync(device)
     lora = {k: (A.detach(), B.detach()) for k, (A, B) in lora.items()}
     return v.detach(), lora, step_losses, time.perf_counter() - t0
 
 
-def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = False, log=print):
+def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = False, log=print, on_step=None):
     """One photo -> (concept dict, stats dict). The plain function behind `python tune.py`.
 
     comps: from load_models (dual-path processors installed); encoder: TuningEncoder on the
     same device; image: a PIL RGB image. release_backbone=True drops the CLIP image tower and
-    the encoder after the one forward pass (the tuning loop needs neither).
+    the encoder after the one forward pass (the tuning loop needs neither). on_step(step, loss):
+    see optimise.
     """
     device = comps.token_table.device
     t0 = time.perf_counter()
@@ -241,7 +245,8 @@ def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = Fa
     # 3) <= 12 steps of AdamW on v, A, B only (Sec. 4.4), dual path with alpha (Eq. 5).
     v, lora, step_losses, loop_s = optimise(comps, latents, v0, lora0, steps=cfg.steps, lr_v=cfg.lr, lr_lora=cfg.lr,
                                             alpha=cfg.alpha_blend, lambda_anchor=cfg.lambda_anchor, seed=cfg.seed,
-                                            placeholder=cfg.placeholder, log=log) if cfg.steps else (v0, lora0, [], 0.0)
+                                            placeholder=cfg.placeholder, log=log, on_step=on_step) if cfg.steps \
+        else (v0, lora0, [], 0.0)
 
     # 4) The concept file's content.
     total_s = time.perf_counter() - t0
