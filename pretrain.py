@@ -65,6 +65,7 @@ class Config:
     hypernet: bool = True  # --no-hypernet: token head only, no predicted LoRA (Sec. 5.4 ablation)
     # Loss weights and Eq. (3) settings. The paper gives no values; these are ours.
     lambda_contrastive: float = 0.01  # Eq. (3)
+    contrastive_from: int = 0  # Eq. (3) joins at this step; before it Eq. (4) alone (0: from the start)
     lambda_nearest: float = 0.01  # --embedding-reg nearest-cosine: weight of 1 - cos(v*, nearest token)
     lambda_embedding: float = 1e-3  # Eq. (4)
     lambda_hyper: float = 1e-4  # hyper-weight L2, summed over the 96 layers (Sec. 4.1)
@@ -104,6 +105,8 @@ def check_config(cfg: Config):
     for folder in val_folders(cfg):
         if not os.path.isdir(folder):
             raise cmdline.UserError(f"--val-images: no such folder: {folder}")
+    if cfg.contrastive_from < 0:
+        raise cmdline.UserError(f"--contrastive-from must be >= 0, got {cfg.contrastive_from}")
     if cfg.val_every <= 0 or cfg.val_views <= 0:
         raise cmdline.UserError("--val-every and --val-views must be positive")
     if not cfg.lr > 0 or cfg.grad_clip <= 0 or cfg.warmup_steps < 0:
@@ -155,11 +158,21 @@ class AllGatherWithGrad(torch.autograd.Function):
         return grad[dist.get_rank()]
 
 
-def embedding_terms(cfg: Config, v: torch.Tensor, token_table: torch.Tensor, world: int = 1, rank: int = 0) -> dict:
-    """The embedding regulariser chosen by --embedding-reg (Sec. 4.2, Sec. 5.2), as weighted terms."""
+def embedding_terms(cfg: Config, v: torch.Tensor, token_table: torch.Tensor, world: int = 1, rank: int = 0,
+                    step: int | None = None) -> dict:
+    """The embedding regulariser chosen by --embedding-reg (Sec. 4.2, Sec. 5.2), as weighted terms.
+
+    NOTE: --contrastive-from N leaves Eq. (3) out before step N (Eq. 4 alone; step None: the run's
+    step is unknown, Eq. 3 applies). The paper gives no schedule for its weight. Eq. (3)'s positives
+    are v*'s own nearest words, so it holds v* at whatever words are nearest when it starts: from
+    an untrained encoder those are the same few words for every image. In the toy world (38 words)
+    that was "a", "one", "background" for every concept, class words never; with Eq. (3) joining
+    after v* had found its words under Eq. (1) + (4), it kept the class words and still kept the
+    v* apart (docs/miniature.md)."""
     v = v.float()
     terms = {}
-    if cfg.embedding_reg == "contrastive":  # Eq. (3), negatives from all ranks
+    contrastive_on = step is None or step >= cfg.contrastive_from
+    if cfg.embedding_reg == "contrastive" and contrastive_on:  # Eq. (3), negatives from all ranks
         terms["contrastive"] = losses.nn_contrastive_loss(v, token_table, k=cfg.nn_k, tau=cfg.tau,
                                                           extra_negatives=gather_negatives(v, world, rank))
     elif cfg.embedding_reg == "nearest-cosine":  # Sec. 5.2's VQGAN-style alternative
@@ -180,7 +193,8 @@ def step_seed(cfg: Config, step: int, rank: int) -> int:
     return ((cfg.seed * 1_000_003 + step) * 1_024 + rank) & 0x7FFFFFFFFFFF
 
 
-def pretrain_losses(cfg: Config, comps, encoder, batch, seed: int, world: int = 1, rank: int = 0):
+def pretrain_losses(cfg: Config, comps, encoder, batch, seed: int, world: int = 1, rank: int = 0,
+                    step: int | None = None):
     """All loss terms of one pre-training step (Sec. 4). Returns a dict of scalar tensors."""
     device = comps.token_table.device
     g = torch.Generator(device).manual_seed(seed)
@@ -193,7 +207,7 @@ def pretrain_losses(cfg: Config, comps, encoder, batch, seed: int, world: int = 
     pred = model.dual_path_prediction(comps, z_t, t, prompts, v, lora, cfg.alpha_blend)  # Eq. (5)
 
     terms = {"diffusion": losses.diffusion_loss(pred, target)}  # Eq. (1)
-    weighted = embedding_terms(cfg, v, comps.token_table, world, rank)  # Eq. (3), (4) or a Sec. 5.2 variant
+    weighted = embedding_terms(cfg, v, comps.token_table, world, rank, step)  # Eq. (3), (4) or a Sec. 5.2 variant
     terms.update({k: term for k, (term, _) in weighted.items()})
     total = terms["diffusion"] + sum(w * term for term, w in weighted.values())
     if lora:
@@ -611,7 +625,7 @@ def train(cfg: Config, device, rank: int, world: int):
         while step < last:
             epoch, done_in_epoch = divmod(step, steps_per_epoch)
             for batch in shard_loader(cfg, dataset, device, world, rank, epoch, done_in_epoch):
-                terms = pretrain_losses(cfg, comps, ddp_encoder, batch, step_seed(cfg, step, rank), world, rank)
+                terms = pretrain_losses(cfg, comps, ddp_encoder, batch, step_seed(cfg, step, rank), world, rank, step)
                 opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()  # (under DDP: all-reduce of the gradients)
                 torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.grad_clip)

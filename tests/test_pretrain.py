@@ -260,3 +260,16 @@ def test_resume_with_more_steps_matches_a_straight_run_within_warmup(tmp_path):
     wa = torch.load(os.path.join(a.out, "encoder.pt"), weights_only=True)["encoder"]
     wb = torch.load(os.path.join(b.out, "encoder.pt"), weights_only=True)["encoder"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_contrastive_from_leaves_eq3_out_until_its_step_in_the_training_loop(tmp_path):
+    v, table = torch.randn(4, 32), torch.randn(49408, 32)
+    cfg = _cfg(tmp_path, contrastive_from=10)
+    assert set(pretrain.embedding_terms(cfg, v, table, step=9)) == {"embedding"}  # Eq. (4) alone
+    assert set(pretrain.embedding_terms(cfg, v, table, step=10)) == {"contrastive", "embedding"}
+    # ... and the loop passes its step: the logged terms change at step 2 (0-based) of 4.
+    cfg = _cfg(tmp_path, steps=4, contrastive_from=2)
+    pretrain.main(cfg)
+    logged = [r for r in _log(cfg) if "step" in r and "loss" in r]
+    assert [("contrastive" in r) for r in logged] == [False, False, True, True], logged
+    assert pretrain.cli(["--data", "synthetic", "--preset", "tiny", "--contrastive-from", "-1"]) == 2
