@@ -733,8 +733,7 @@ def load_encoder_checkpoint(path: str) -> dict:
         ("step", lambda x: _is_int(x) and x >= 0, "an int >= 0"),
         ("hypernet", lambda x: isinstance(x, bool), "True or False"),
         ("encoder", lambda x: isinstance(x, dict) and all(isinstance(k, str) for k in x), "a dict {name: tensor}"),
-        ("layer_names", lambda x: isinstance(x, list) and x and all(isinstance(n, str) for n in x),
-         "a non-empty list of layer names"),
+        ("layer_names", lambda x: isinstance(x, list) and all(isinstance(n, str) for n in x), "a list of layer names"),
         ("layer_shapes", lambda x: isinstance(x, list) and all(
             isinstance(s, (list, tuple)) and len(s) == 2 and all(_is_int(d) and d > 0 for d in s) for s in x),
          "a list of [D_in, D_out] pairs"),

@@ -145,7 +145,8 @@ def test_autocast_follows_the_frozen_weights_dtype(monkeypatch):
 
 def _fake_sd15_checkpoint(path, base=model.SD15_BASE, clip=model.SD15_CLIP[1]):
     torch.save({"format": model.ENCODER_FORMAT, "preset": "sd15", "base": base, "clip": clip, "step": 1,
-                "encoder": {}, "layer_names": [], "layer_shapes": [], "encoder_dims": {}}, path)
+                "encoder": {}, "layer_names": [], "layer_shapes": [],
+                "encoder_dims": {"clip_channels": 1280, "unet_channels": 1280}}, path)
     return str(path)
 
 
