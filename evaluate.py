@@ -27,6 +27,7 @@ concepts and images.
 from __future__ import annotations
 
 import csv
+from collections import Counter
 import dataclasses
 import hashlib
 import json
@@ -430,15 +431,11 @@ def v_star_summary(concepts: dict, v: torch.Tensor) -> dict:
     """What a variant's v* read as (Sec. 4.2) and whether they collapsed (Sec. 5.2): the hard
     tokens with their counts, how many concepts have their class noun among v*'s three nearest
     words, and the mean cosine between two concepts' v* (1 = one v* for every photo)."""
-    tokens = {}
-    for c in concepts.values():
-        tokens[c["token"]] = tokens.get(c["token"], 0) + 1
-    vn = torch.nn.functional.normalize(v.float(), dim=-1)
-    n = len(vn)
-    return {"hard_tokens": dict(sorted(tokens.items(), key=lambda kv: -kv[1])),
+    tokens = Counter(c["token"] for c in concepts.values()).most_common()  # ties: in the order first met
+    return {"hard_tokens": dict(tokens),
             "noun_in_3_nearest": cmdline.mean_se([float(c["noun"] in [w for w, _ in c["nearest_words"][:3]])
                                                   for c in concepts.values()]),
-            "v_pairwise_cos": ((vn @ vn.T).sum().item() - n) / (n * (n - 1)) if n > 1 else None}
+            "v_pairwise_cos": model.mean_pairwise_cosine(v)}
 
 
 def _pm(s: dict, digits: int = 4) -> str:

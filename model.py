@@ -520,6 +520,16 @@ def nearest_words(tokenizer, token_table: torch.Tensor, v: torch.Tensor, k: int 
              for i, c in zip(row_ids, row_cos)] for row_ids, row_cos in zip(ids, cos)]
 
 
+def mean_pairwise_cosine(v: torch.Tensor) -> float | None:
+    """The mean cosine between two different rows of v (N, D): near 1 when every image got the same
+    v* (Sec. 5.2's mode collapse). None for fewer than two rows."""
+    n = len(v)
+    if n < 2:
+        return None
+    vn = F.normalize(v.detach().float(), dim=-1)
+    return ((vn @ vn.T).sum().item() - n) / (n * (n - 1))  # off-diagonal mean
+
+
 # ----------------------------------------------------------------------------------------
 # Frozen feature backbones (Sec. 4.1: "spatial features ... from each backbone's last layer")
 
@@ -728,7 +738,7 @@ def load_encoder_checkpoint(path: str) -> dict:
                          f"sample.py --concept")
     if not isinstance(ckpt, dict) or ckpt.get("format") != ENCODER_FORMAT:
         raise ValueError(f"{path} is not an encoder checkpoint written by pretrain.py (no format {ENCODER_FORMAT!r})")
-    for key, ok, want in (
+    check_fields(ckpt, path, "encoder checkpoint", optional=("base", "clip", "hypernet"), fields=(
         ("preset", lambda x: x in PRESETS, f"one of {', '.join(PRESETS)}"),
         ("step", lambda x: _is_int(x) and x >= 0, "an int >= 0"),
         ("hypernet", lambda x: isinstance(x, bool), "True or False"),
@@ -742,13 +752,7 @@ def load_encoder_checkpoint(path: str) -> dict:
          "a dict with positive ints clip_channels and unet_channels"),
         ("base", lambda x: x is None or isinstance(x, str), "a string"),
         ("clip", lambda x: x is None or isinstance(x, str), "a string"),
-    ):
-        if key not in ckpt and key not in ("base", "clip", "hypernet"):
-            raise ValueError(f"{path} lacks {key}: not a complete encoder checkpoint")
-        if key in ckpt and not ok(ckpt[key]):
-            value = ckpt[key]
-            shown = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else _what(value)
-            raise ValueError(f"{path}: {key} must be {want}, got {shown[:80]}")
+    ))
     if len(ckpt["layer_shapes"]) != len(ckpt["layer_names"]):
         raise ValueError(f"{path}: {len(ckpt['layer_names'])} layer_names but {len(ckpt['layer_shapes'])} "
                          f"layer_shapes")
@@ -1038,6 +1042,20 @@ def _what(x) -> str:
     return type(x).__name__
 
 
+def check_fields(obj: dict, path: str, kind: str, fields, optional=()):
+    """Each (key, ok, what it must be) of `fields`: present (unless optional) and ok(value), else
+    one ValueError line naming the file, the key, what was expected and what was found."""
+    for key, ok, want in fields:
+        if key not in obj:
+            if key in optional:
+                continue
+            raise ValueError(f"{path} lacks {key}: not a complete {kind}")
+        value = obj[key]
+        if not ok(value):
+            shown = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else _what(value)
+            raise ValueError(f"{path}: {key} must be {want}, got {shown[:80]}")
+
+
 def check_tensor(t, path: str, key: str, dims: int | None = None):
     """A floating-point tensor with finite, plausible values (and `dims` dimensions). Raises ValueError."""
     if not isinstance(t, torch.Tensor):
@@ -1048,8 +1066,9 @@ def check_tensor(t, path: str, key: str, dims: int | None = None):
         raise ValueError(f"{path}: {key} must have {dims} dimension(s), got {_what(t)}")
     if t.numel() and not torch.isfinite(t).all():
         raise ValueError(f"{path}: {key} holds NaN or infinite values (did training or tuning diverge?)")
-    if t.numel() and t.detach().abs().max().item() > MAX_ABS_VALUE:
-        raise ValueError(f"{path}: {key} holds values as large as {t.detach().abs().max().item():.3g} "
+    largest = t.detach().abs().max().item() if t.numel() else 0.0
+    if largest > MAX_ABS_VALUE:
+        raise ValueError(f"{path}: {key} holds values as large as {largest:.3g} "
                          f"(above {MAX_ABS_VALUE:g}): the file is damaged")
 
 
@@ -1059,20 +1078,17 @@ def check_concept(concept: dict, path: str = "the concept"):
     missing = [k for k in CONCEPT_KEYS if k not in concept]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: not a complete concept file")
-    for key, ok, want in (("placeholder", lambda x: isinstance(x, str) and x.strip() != "", "a non-empty string"),
-                          ("token", lambda x: isinstance(x, str), "a string"),
-                          ("preset", lambda x: x in PRESETS, f"one of {', '.join(PRESETS)}"),
-                          ("base", lambda x: isinstance(x, str), "a string"),
-                          ("token_id", lambda x: _is_int(x) and x >= 0, "a token id (an int >= 0)"),
-                          ("rank", lambda x: _is_int(x) and x > 0, "a positive int"),
-                          ("lora_scale", lambda x: _is_number(x) and math.isfinite(x), "a finite number"),
-                          ("alpha_blend", lambda x: _is_number(x) and 0 <= x <= 1, "a number in [0, 1]"),
-                          ("lora_A", lambda x: isinstance(x, dict), "a dict {layer: tensor}"),
-                          ("lora_B", lambda x: isinstance(x, dict), "a dict {layer: tensor}")):
-        value = concept[key]
-        if not ok(value):
-            shown = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else _what(value)
-            raise ValueError(f"{path}: {key} must be {want}, got {shown[:80]}")
+    check_fields(concept, path, "concept file", fields=(
+        ("placeholder", lambda x: isinstance(x, str) and x.strip() != "", "a non-empty string"),
+        ("token", lambda x: isinstance(x, str), "a string"),
+        ("preset", lambda x: x in PRESETS, f"one of {', '.join(PRESETS)}"),
+        ("base", lambda x: isinstance(x, str), "a string"),
+        ("token_id", lambda x: _is_int(x) and x >= 0, "a token id (an int >= 0)"),
+        ("rank", lambda x: _is_int(x) and x > 0, "a positive int"),
+        ("lora_scale", lambda x: _is_number(x) and math.isfinite(x), "a finite number"),
+        ("alpha_blend", lambda x: _is_number(x) and 0 <= x <= 1, "a number in [0, 1]"),
+        ("lora_A", lambda x: isinstance(x, dict), "a dict {layer: tensor}"),
+        ("lora_B", lambda x: isinstance(x, dict), "a dict {layer: tensor}")))
     check_tensor(concept["v_star"], path, "v_star", dims=1)
     if concept["v_star"].numel() == 0:
         raise ValueError(f"{path}: v_star is empty")

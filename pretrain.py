@@ -25,6 +25,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import torch
@@ -266,15 +267,10 @@ def collapse_stats(comps, v: torch.Tensor, files: list[str]) -> dict:
     v_pairwise_cos: the mean cosine between the v* of two different images (1 = one v* for
     every image); top_words: the most common nearest words of the n v* with their counts;
     words: each image's three nearest words, by file name."""
-    vn = torch.nn.functional.normalize(v.float(), dim=-1)
-    n = len(vn)
-    cos = ((vn @ vn.T).sum() - n) / max(1, n * (n - 1))  # off-diagonal mean
+    cos = model.mean_pairwise_cosine(v)
     near = model.nearest_words(comps.tokenizer, comps.token_table, v, k=3)
-    counts = {}
-    for words in near:
-        counts[words[0][0]] = counts.get(words[0][0], 0) + 1
-    top = sorted(counts.items(), key=lambda kv: -kv[1])[:5]
-    return {"v_pairwise_cos": round(cos.item(), 4), "top_words": dict(top),
+    top = Counter(words[0][0] for words in near).most_common(5)  # ties: in the order first met
+    return {"v_pairwise_cos": round(cos, 4) if cos is not None else 0.0, "top_words": dict(top),
             "words": {f: [w for w, _ in words] for f, words in zip(files, near)}}
 
 
