@@ -169,7 +169,8 @@ def embedding_terms(cfg: Config, v: torch.Tensor, token_table: torch.Tensor, wor
     an untrained encoder those are the same few words for every image. In the toy world (38 words)
     that was "a", "one", "background" for every concept, class words never; with Eq. (3) joining
     after v* had found its words under Eq. (1) + (4), it kept the class words and still kept the
-    v* apart (docs/miniature.md)."""
+    v* apart; where v* had not found them yet at step N, it held the rest on function words again
+    (docs/miniature.md)."""
     v = v.float()
     terms = {}
     contrastive_on = step is None or step >= cfg.contrastive_from

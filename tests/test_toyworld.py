@@ -204,11 +204,14 @@ def test_the_readmes_toy_sequence_uses_only_flags_the_scripts_have():
             module = {"toyworld.py": toyworld, "pretrain.py": pretrain, "evaluate.py": evaluate}[words[1]]
             cfg = module.parse_args(words[2:])
             parsed.append((words[1], cfg))
-    assert [s for s, _ in parsed] == ["toyworld.py", "pretrain.py", "pretrain.py", "evaluate.py", "evaluate.py"]
+    assert [s for s, _ in parsed] == ["toyworld.py"] + ["pretrain.py"] * 3 + ["evaluate.py"] * 2
     pre = parsed[1][1]
     assert pretrain.val_folders(pre) == ["runs/toyworld/heldout", "runs/toyworld/concepts"]
-    assert pre.preset == "toy" and pre.steps == 1000 and pre.embedding_reg == "contrastive"
-    assert parsed[2][1].hypernet is False and parsed[3][1].variants == "paper"
+    assert pre.preset == "toy" and pre.steps == 1500 and pre.embedding_reg == "contrastive"
+    assert pre.contrastive_from == 1000 and pre.val_views == 16
+    nohyper = parsed[3][1]  # the Sec. 5.4 encoder differs from the method's only in the hypernetwork
+    assert nohyper.hypernet is False and (nohyper.embedding_reg, nohyper.contrastive_from) == ("contrastive", 1000)
+    assert parsed[4][1].variants == "paper"
 
 
 def test_the_text_encoder_keeps_only_the_words_its_captions_used(toy):
