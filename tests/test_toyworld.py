@@ -207,10 +207,11 @@ def test_the_readmes_toy_sequence_uses_only_flags_the_scripts_have():
     assert [s for s, _ in parsed] == ["toyworld.py"] + ["pretrain.py"] * 3 + ["evaluate.py"] * 2
     pre = parsed[1][1]
     assert pretrain.val_folders(pre) == ["runs/toyworld/heldout", "runs/toyworld/concepts"]
-    assert pre.preset == "toy" and pre.steps == 1500 and pre.embedding_reg == "contrastive"
-    assert pre.contrastive_from == 1000 and pre.val_views == 16
+    assert pre.preset == "toy" and pre.steps == 2000 and pre.embedding_reg == "contrastive"
+    assert pre.contrastive_from == 1500 and pre.lambda_contrastive == 1e-3 and pre.val_views == 16
     nohyper = parsed[3][1]  # the Sec. 5.4 encoder differs from the method's only in the hypernetwork
-    assert nohyper.hypernet is False and (nohyper.embedding_reg, nohyper.contrastive_from) == ("contrastive", 1000)
+    assert nohyper.hypernet is False
+    assert (nohyper.embedding_reg, nohyper.contrastive_from, nohyper.lambda_contrastive) == ("contrastive", 1500, 1e-3)
     assert parsed[4][1].variants == "paper"
 
 
