@@ -32,8 +32,8 @@ SD 1.5 (`--base DIR`, `--clip DIR`):
     # then the paper, with the ordinary scripts (README, "The paper in miniature"):
     python pretrain.py --preset toy --data runs/toyworld/train --out runs/toy-date ...
 
-Stages (each cached; the long ones checkpoint and resume; --jobs 2 runs two lanes at once, one
-thread each): world (rendered training set, the unseen evaluation concepts with labels.json,
+Stages (each cached; the long ones checkpoint and resume; every stage runs on one thread, and
+--jobs 2 runs two lanes of them at once; the same --seed gives the same world either way): world (rendered training set, the unseen evaluation concepts with labels.json,
 held-out pictures for the validation signal), vae, clip-l (the text encoder), judge, clip-h,
 clip-b, t2i (the UNet), competence (does every model know every attribute: competence.json).
 """
@@ -907,7 +907,21 @@ def done(out: str, stage: str) -> bool:
 
 
 def run_stage(cfg: Config, stage: str) -> float:
-    """Run one stage; its wall-clock seconds."""
+    """Run one stage, on one thread; its wall-clock seconds.
+
+    One thread whatever --jobs is: float sums come out in another order on two threads, so the
+    same --seed would otherwise give other weights with --jobs 1 than with --jobs 2 (and on
+    machines with other core counts). These models are small enough that a second thread is
+    only half busy (see PLAN)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_stage(cfg, stage)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_stage(cfg: Config, stage: str) -> float:
     t0 = time.time()
     if stage == "world":
         stage_world(cfg.out, cfg.n_train, cfg.seed)
@@ -937,7 +951,6 @@ def run_stage(cfg: Config, stage: str) -> float:
 def _lane(cfg: Config, stages: list[str], position: int, results):
     """One lane of a step of PLAN, in a process of its own with one thread."""
     global BAR_POSITION
-    torch.set_num_threads(1)
     BAR_POSITION = position
     results.put({s: run_stage(cfg, s) for s in stages})
 

@@ -324,7 +324,7 @@ def run_suite(tree: str, source: str, timeout: int) -> tuple[str, float]:
     global LAST_OUTPUT
     t0 = time.time()
     try:
-        out = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+        out = subprocess.run([sys.executable, "-m", "pytest", "-n", "0", "-x", "-q", "-p", "no:cacheprovider",
                               *test_files(tree, source)], cwd=tree,
                              capture_output=True, text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     except subprocess.TimeoutExpired:

@@ -10,7 +10,7 @@ with one line on stderr and no output written. Never a traceback, never a half-w
 
 The suite runs a fixed, derandomised sample of examples per file kind. A long campaign:
 
-    DATE_FUZZ_EXAMPLES=2000 pytest -s tests/test_fuzz_files.py -k "not subprocess"   # prints the counts
+    DATE_FUZZ_EXAMPLES=2000 pytest -n 0 -s tests/test_fuzz_files.py -k "not subprocess"   # prints the counts
 """
 import copy
 import io

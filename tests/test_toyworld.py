@@ -25,7 +25,7 @@ def toy(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("toy"))
     cfg = toyworld.Config(out=out, n_train=64, vae_steps=2, clip_steps=2, text_clip_steps=2, t2i_steps=2, batch_size=4,
                           clip_batch_size=8, judge_steps=2, judge_batch_size=4, competence_per_class=1,
-                          competence_steps=2, competence_renders=8)
+                          competence_steps=2, competence_renders=8, jobs=1)  # in this process (the rebuild below spawns)
     times = toyworld.main(cfg)
     return out, cfg, times
 
@@ -53,9 +53,11 @@ def test_every_stage_runs_and_a_rerun_reuses_them(toy):
 
 
 def test_the_same_seed_builds_the_same_world_and_models(toy, tmp_path):
-    """--seed fixes every stage: a second micro build gives bit-identical pictures and weights."""
+    """--seed fixes every stage, whatever --jobs: a second micro build, its stages now in two
+    spawned lanes, gives bit-identical pictures, weights and competence."""
     out, cfg, _ = toy
-    toyworld.main(dataclasses.replace(cfg, out=str(tmp_path)))
+    assert cfg.jobs == 1
+    toyworld.main(dataclasses.replace(cfg, out=str(tmp_path), jobs=2))
     picture = os.path.join("train", sorted(os.listdir(os.path.join(out, "train")))[0])
     assert open(os.path.join(out, picture), "rb").read() == open(os.path.join(tmp_path, picture), "rb").read()
     for f in ("sd/unet/diffusion_pytorch_model.safetensors", "sd/vae/diffusion_pytorch_model.safetensors",
