@@ -33,9 +33,10 @@ SD 1.5 (`--base DIR`, `--clip DIR`):
     python pretrain.py --preset toy --data runs/toyworld/train --out runs/toy-date ...
 
 Stages (each cached; the long ones checkpoint and resume; every stage runs on one thread, and
---jobs 2 runs two lanes of them at once; the same --seed gives the same world either way): world (rendered training set, the unseen evaluation concepts with labels.json,
-held-out pictures for the validation signal), vae, clip-l (the text encoder), judge, clip-h,
-clip-b, t2i (the UNet), competence (does every model know every attribute: competence.json).
+--jobs 2 runs two lanes of them at once; the same --seed gives the same world either way):
+world (rendered training set, the unseen evaluation concepts with labels.json, held-out
+pictures for the validation signal), vae, clip-l (the text encoder), judge, clip-h, clip-b,
+t2i (the UNet), competence (does every model know every attribute: competence.json).
 """
 from __future__ import annotations
 
