@@ -871,9 +871,10 @@ def competence(out: str, n_per_class: int = 20, steps: int = 25, seed: int = 0, 
 
 STAGES = ("world", "vae", "judge", "clip-l", "clip-h", "clip-b", "t2i", "competence")
 # The order the stages run in: each step's lanes do not depend on each other and, with --jobs 2,
-# run side by side in two processes of one thread each. Two small models on two CPU cores train
-# ~1.5x faster that way than one after the other with two threads each (a model this small keeps
-# a second thread only half busy; measured here: t2i 2.6 steps/s on one thread, 3.2-4 on two).
+# run side by side in two processes (every stage runs on one thread, see run_stage). Two small
+# models on two CPU cores train ~1.5x faster that way than one after the other with two threads
+# each (a model this small keeps a second thread only half busy; measured here: t2i 2.6 steps/s
+# on one thread, 3.2-4 on two); --jobs 1 now runs them one after the other on one thread.
 # The text-to-image model needs the VAE and clip-l's text tower; the judge needs the VAE.
 PLAN = ((("world",),), (("vae",), ("clip-l",)), (("t2i",), ("clip-b", "clip-h", "judge")), (("competence",),))
 
