@@ -154,10 +154,31 @@ def test_competence_is_measured_by_the_code_the_readme_reports(toy):
     assert set(rep["clip_zero_shot"]) == {"clip-h", "clip-b"}
     assert set(rep["drawing"]) == set(toyworld.CLASSES) | {"all"}
     assert rep["drawing"]["all"]["class"]["n"] == cfg.competence_per_class * len(toyworld.CLASSES)
+    tt = rep["text_tower"]["pairwise_cos"]
+    assert -1 <= tt["min"] <= tt["mean"] <= tt["max"] <= 1
+    assert set(rep["text_tower"]["least_separated"]) <= set(toyworld.CLASSES)
     ident = rep["identity"]
     assert ident["margin"]["n"] == 24
     margin = ident["same_instance"]["mean"] - ident["other_instance_same_class"]["mean"]
     assert ident["margin"]["mean"] == pytest.approx(margin)
+
+
+def test_text_tower_separation_reads_the_class_words(toy):
+    """Six class words the tower cannot tell apart (their embedding rows made equal) give six
+    identical prompts: every pairwise cosine is 1. The real rows give less."""
+    out, _, _ = toy
+    comps = model.load_components("toy", base=os.path.join(out, "sd"), clip=os.path.join(out, "clip-h"),
+                                  with_image_encoder=False)
+    real = toyworld.text_tower_separation(comps)["pairwise_cos"]
+    assert real["max"] < 0.9999
+    emb = comps.text_encoder.get_input_embeddings().weight
+    ids = [comps.tokenizer(c, add_special_tokens=False).input_ids for c in toyworld.CLASSES]
+    assert all(len(i) == 1 for i in ids)  # one token per class word
+    with torch.no_grad():
+        for i in ids:
+            emb[i[0]] = emb[ids[0][0]]
+    same = toyworld.text_tower_separation(comps)["pairwise_cos"]
+    assert same["min"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_pretrain_on_the_toy_world_logs_the_matched_vs_swapped_signal(toy, tmp_path):
