@@ -300,14 +300,21 @@ BAR_POSITION = 0  # the line of the terminal the progress bar of a stage uses (s
 
 def train_loop(name: str, out: str, params, step_fn, steps: int, lr: float, state: dict, ckpt_every: int = 250):
     """AdamW with a short warm-up and cosine decay; checkpoints `state` (modules) to
-    OUT/NAME.ckpt every ckpt_every steps and resumes from it."""
+    OUT/NAME.ckpt every ckpt_every steps and resumes from it -- only if that checkpoint belongs
+    to a run of the same length: the cosine's period is the length, so continuing a 1,000-step
+    run to 2,500 steps would restart the decayed learning rate at 65 % of its peak (a warm
+    restart nobody asked for). From such a checkpoint the stage starts over (and replaces it)."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     path = os.path.join(out, f"{name}.ckpt")
     step = 0
-    if os.path.isfile(path):
-        ck = torch.load(path, weights_only=True)
+    ck = torch.load(path, weights_only=True) if os.path.isfile(path) else None
+    if ck is not None and ck.get("steps") != steps:
+        print(f"toyworld.py: {name}: {path} is from a run of {ck.get('steps', 'unknown')} steps, not {steps}: "
+              "starting over", file=sys.stderr)
+        ck = None
+    if ck is not None:
         for k, m in state.items():
             m.load_state_dict(ck["state"][k])
         opt.load_state_dict(ck["opt"])
@@ -327,7 +334,7 @@ def train_loop(name: str, out: str, params, step_fn, steps: int, lr: float, stat
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % ckpt_every == 0 or step == steps:
             cmdline.atomic_save({"state": {k: m.state_dict() for k, m in state.items()}, "opt": opt.state_dict(),
-                               "sched": sched.state_dict(), "step": step}, path)
+                               "sched": sched.state_dict(), "step": step, "steps": steps}, path)
     bar.close()
 
 

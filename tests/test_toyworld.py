@@ -163,6 +163,30 @@ def test_competence_is_measured_by_the_code_the_readme_reports(toy):
     assert ident["margin"]["mean"] == pytest.approx(margin)
 
 
+def test_a_stage_resumes_only_a_checkpoint_of_the_same_length(tmp_path):
+    """Same length: an interrupted stage goes on from its checkpoint (a finished one takes no
+    step). Another length: it starts over at step 0, since the cosine schedule depends on it."""
+    lin = torch.nn.Linear(2, 1)
+    seen = []
+
+    def step_fn(step):
+        seen.append(step)
+        return lin(torch.ones(1, 2)).pow(2).sum()
+
+    toyworld.train_loop("m", str(tmp_path), list(lin.parameters()), step_fn, 4, 1e-2, {"m": lin}, ckpt_every=2)
+    assert seen == [0, 1, 2, 3]
+    ck = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    assert (ck["step"], ck["steps"]) == (4, 4)
+    toyworld.train_loop("m", str(tmp_path), list(lin.parameters()), step_fn, 4, 1e-2, {"m": lin}, ckpt_every=2)
+    assert seen == [0, 1, 2, 3]  # finished: nothing to do
+    torch.save({**ck, "step": 2}, tmp_path / "m.ckpt")  # as if interrupted after step 2
+    toyworld.train_loop("m", str(tmp_path), list(lin.parameters()), step_fn, 4, 1e-2, {"m": lin}, ckpt_every=2)
+    assert seen[4:] == [2, 3]
+    toyworld.train_loop("m", str(tmp_path), list(lin.parameters()), step_fn, 6, 1e-2, {"m": lin}, ckpt_every=2)
+    assert seen[6:] == [0, 1, 2, 3, 4, 5]
+    assert torch.load(tmp_path / "m.ckpt", weights_only=True)["steps"] == 6
+
+
 def test_text_tower_separation_reads_the_class_words(toy):
     """Six class words the tower cannot tell apart (their embedding rows made equal) give six
     identical prompts: every pairwise cosine is 1. The real rows give less."""
