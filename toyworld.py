@@ -837,16 +837,14 @@ def text_tower_separation(comps) -> dict:
     little about which (Eq. (3) pulls v* towards such words). -> min / mean / max over the 15
     pairs and the least separated pair."""
     prompts = [t2i_caption(c, "white", "large") for c in CLASSES]
-    ids = comps.tokenizer(prompts, padding="max_length", max_length=comps.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids
+    ids, _ = model.tokenize_with_placeholder(comps.tokenizer, prompts)  # no placeholder: plain ids
     first = int((ids != ids[0]).any(0).float().argmax())  # the class word's slot
     with torch.no_grad():
-        h = comps.text_encoder(input_ids=ids.to(comps.text_encoder.device)).last_hidden_state[:, first:]
-    h = torch.nn.functional.normalize(h.flatten(1).float(), dim=1)
-    cos = h @ h.T
+        h = model.encode_prompt(comps.text_encoder, comps.tokenizer, prompts)[:, first:].flatten(1)
+    cos = F.normalize(h.float(), dim=1) @ F.normalize(h.float(), dim=1).T
     pairs = [(cos[i, j].item(), CLASSES[i], CLASSES[j]) for i in range(len(CLASSES)) for j in range(i + 1, len(CLASSES))]
     worst = max(pairs)
-    return {"pairwise_cos": {"min": round(min(pairs)[0], 4), "mean": round(sum(p[0] for p in pairs) / len(pairs), 4),
+    return {"pairwise_cos": {"min": round(min(pairs)[0], 4), "mean": round(model.mean_pairwise_cosine(h), 4),
                              "max": round(worst[0], 4)},
             "least_separated": [worst[1], worst[2]], "prompt": t2i_caption("{class}", "white", "large")}
 

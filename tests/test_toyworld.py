@@ -196,7 +196,7 @@ def test_text_tower_separation_reads_the_class_words(toy):
     real = toyworld.text_tower_separation(comps)["pairwise_cos"]
     assert real["max"] < 0.9999
     emb = comps.text_encoder.get_input_embeddings().weight
-    ids = [comps.tokenizer(c, add_special_tokens=False).input_ids for c in toyworld.CLASSES]
+    ids = [model.tokenize_ids(comps.tokenizer, c) for c in toyworld.CLASSES]
     assert all(len(i) == 1 for i in ids)  # one token per class word
     with torch.no_grad():
         for i in ids:
