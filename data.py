@@ -21,6 +21,7 @@ import csv
 import math
 import os
 import random
+import re
 import sys
 import warnings
 
@@ -150,6 +151,24 @@ def largest_boxes(csv_path: str) -> dict[str, tuple[float, float, float, float]]
             if area > 0 and (row["ImageID"] not in best or area > best[row["ImageID"]][0]):
                 best[row["ImageID"]] = (area, (x0, x1, y0, y1))
     return {k: box for k, (_, box) in best.items()}
+
+
+def class_nouns(folder: str, files: list[str]) -> dict[str, str]:
+    """file -> class noun: DIR/classes.csv (file,noun) if present, else the stem's leading word
+    (dog_02.jpg -> dog; no leading letters -> "object"). evaluate.py scores CLIP-T against it;
+    pretrain.py's validation splits its gap by it."""
+    table = {}
+    path = os.path.join(folder, "classes.csv")
+    if os.path.isfile(path):
+        with open(path, newline="") as f:
+            for row in csv.reader(f):
+                if len(row) >= 2 and row[0].strip() and row[0].strip().lower() != "file":
+                    table[row[0].strip()] = row[1].strip()
+    nouns = {}
+    for f in files:
+        m = re.match(r"[A-Za-z]+", os.path.splitext(f)[0])
+        nouns[f] = table.get(f) or (m.group(0).lower() if m else "object")
+    return nouns
 
 
 def list_openimages(root: str) -> list[tuple[str, tuple]]:

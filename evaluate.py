@@ -26,7 +26,6 @@ concepts and images.
 """
 from __future__ import annotations
 
-import csv
 from collections import Counter
 import dataclasses
 import hashlib
@@ -240,22 +239,6 @@ def open_judge(cfg: Config, preset: str, base: str, files: list[str]) -> Judge |
 def noun_prompt(prompt: str, noun: str, placeholder: str = model.PLACEHOLDER) -> str:
     """The text CLIP-T scores against: the prompt with S* replaced by the class noun."""
     return prompt.replace(placeholder, noun)
-
-
-def class_nouns(folder: str, files: list[str]) -> dict[str, str]:
-    """file -> class noun: DIR/classes.csv (file,noun) if present, else the stem's leading word."""
-    table = {}
-    path = os.path.join(folder, "classes.csv")
-    if os.path.isfile(path):
-        with open(path, newline="") as f:
-            for row in csv.reader(f):
-                if len(row) >= 2 and row[0].strip() and row[0].strip().lower() != "file":
-                    table[row[0].strip()] = row[1].strip()
-    nouns = {}
-    for f in files:
-        m = re.match(r"[A-Za-z]+", os.path.splitext(f)[0])
-        nouns[f] = table.get(f) or (m.group(0).lower() if m else "object")
-    return nouns
 
 
 def variant_config(cfg: Config, variant: str, image_path: str) -> tune.Config:
@@ -551,7 +534,7 @@ def run_variants(cfg: Config, variants, files, prompts, nouns, images, comps, en
 def main(cfg: Config):
     # 1) Inputs, before anything heavy.
     files, variants, prompts = check_inputs(cfg)
-    nouns = class_nouns(cfg.images, files)
+    nouns = data_lib.class_nouns(cfg.images, files)
     images = {}
     for f in files:
         try:

@@ -75,7 +75,7 @@ class Config:
     num_workers: int = 4  # data-loader processes per rank
     base: str = model.SD15_BASE  # sd15: hub id or local folder of SD 1.5
     clip: str = model.SD15_CLIP[1]  # sd15: open_clip tag or local file for ViT-H-14
-    val_images: str | None = None  # folder(s) of held-out images, comma-separated: the matched-vs-swapped signal
+    val_images: str | None = None  # held-out folders, comma-separated: matched vs swapped, also split by class noun
     val_every: int = 500  # validate every this many steps (with --val-images), and at the end
     val_views: int = 4  # held-out augmented views per validation image
     val_concepts: str | None = None  # no training: the signal of concept files DIR/<image stem>.pt (calibration)
@@ -236,7 +236,10 @@ def validate(cfg: Config, comps, encoder, val: dict, step: int, out_dir: str) ->
     image i's own concept ("matched") and with image i+1's ("swapped"), with the same noise, t
     and prompts, so that the two differ only in the concept. An encoder that captures concepts
     denoises an image better with its own: gap = swapped - matched > 0. An encoder that learned
-    one image-independent LoRA (a better denoiser, no concept) has gap ~ 0.
+    one image-independent LoRA (a better denoiser, no concept) has gap ~ 0. Where the file names
+    (or classes.csv) give the images at least two class nouns, the gap is also measured against
+    the next image of another class and of the same class (class_split_gaps): a concept that is
+    only its class has the first and not the second.
     Also: mean ||v*|| and mean ||Delta W||_F (summed over layers), and a one-step reconstruction
     grid (input, then x0 predicted at t = 500 by its matched concept) written to OUT/val/
     (step_N.png for the first --val-images folder, step_N_<folder name>.png for the others).
@@ -258,6 +261,7 @@ def validate(cfg: Config, comps, encoder, val: dict, step: int, out_dir: str) ->
     rec = {"event": "val", "step": step, "images": val["folder"], "matched": sum(matched) / n,
            "swapped": sum(swapped) / n, "gap": gap["mean"], "gap_se": gap["se"],
            "v_norm": sum(v.norm().item() for v, _ in concepts) / n, "delta_w_norm": sum(dw) / n, "n": n,
+           **class_split_gaps(comps, concepts, [cfg.alpha_blend] * n, val, matched),
            **collapse_stats(comps, torch.cat([v for v, _ in concepts]), val["files"])}
     tag = "" if val["folder"] == val_folders(cfg)[0] else "_" + os.path.basename(os.path.normpath(val["folder"]))
     _reconstruction_grid(cfg, comps, concepts, val, os.path.join(out_dir, "val", f"step_{step:07d}{tag}.png"))
@@ -278,24 +282,63 @@ def collapse_stats(comps, v: torch.Tensor, files: list[str]) -> dict:
 
 
 @torch.no_grad()
+def concept_losses(comps, concepts: list, alphas: list[float], val: dict, partners: list) -> list:
+    """Eq. (1) on the held-out views of each image i with the concept of image partners[i] (None:
+    skipped), with noise, t and prompts fixed by i alone, so that every partner of image i meets
+    exactly the same noisy views. concepts: [(v (1, D), lora)], one per image; alphas: the
+    alpha_blend of Eq. (5) each concept is used with. Returns one loss (or None) per image."""
+    device = comps.token_table.device
+    out = []
+    for i, j in enumerate(partners):
+        if j is None:
+            out.append(None)
+            continue
+        z0 = val["latents"][i]  # (views, 4, h, w): held-out views of image i
+        g = torch.Generator(device).manual_seed(10_000 + i)  # the same noise, t, prompts for every partner
+        z_t, t, _, tgt = model.noisy_latents(comps.noise_scheduler, z0, g)
+        prompts = data_lib.make_prompts(len(z0), random.Random(i))
+        v, lora = concepts[j]
+        pred = model.dual_path_prediction(comps, z_t, t, prompts, v, lora, alphas[j])
+        out.append(losses.diffusion_loss(pred, tgt).item())
+    return out
+
+
 def matched_vs_swapped(comps, concepts: list, alphas: list[float], val: dict):
     """Eq. (1) on the held-out views of each image i with concept i ("matched") and with concept
-    i+1 ("swapped"), the same noise, t and prompts for both. concepts: [(v (1, D), lora)], one
-    per image; alphas: the alpha_blend of Eq. (5) each concept is used with.
+    i+1 ("swapped"), the same noise, t and prompts for both (concept_losses).
     Returns (matched losses, swapped losses, mean and SE of swapped - matched)."""
-    device = comps.token_table.device
     n = len(concepts)
-    matched, swapped = [], []
-    for i in range(n):
-        z0 = val["latents"][i]  # (views, 4, h, w): held-out views of image i
-        for j, losses_ in ((i, matched), ((i + 1) % n, swapped)):
-            g = torch.Generator(device).manual_seed(10_000 + i)  # the same noise, t, prompts for both
-            z_t, t, _, tgt = model.noisy_latents(comps.noise_scheduler, z0, g)
-            prompts = data_lib.make_prompts(len(z0), random.Random(i))
-            v, lora = concepts[j]
-            pred = model.dual_path_prediction(comps, z_t, t, prompts, v, lora, alphas[j])
-            losses_.append(losses.diffusion_loss(pred, tgt).item())
+    matched = concept_losses(comps, concepts, alphas, val, list(range(n)))
+    swapped = concept_losses(comps, concepts, alphas, val, [(i + 1) % n for i in range(n)])
     return matched, swapped, cmdline.mean_se([s - m for s, m in zip(swapped, matched)])
+
+
+def class_partners(nouns: list[str]) -> dict:
+    """For each image i (in file order), the next image (wrapping) whose class noun differs
+    ("other_class") and the next with the same noun ("same_class"); None where there is none."""
+    n = len(nouns)
+    after = [[(i + k) % n for k in range(1, n)] for i in range(n)]
+    return {kind: [next((j for j in after[i] if (nouns[j] == nouns[i]) == same), None) for i in range(n)]
+            for kind, same in (("other_class", False), ("same_class", True))}
+
+
+def class_split_gaps(comps, concepts: list, alphas: list[float], val: dict, matched: list) -> dict:
+    """The matched-vs-swapped gap split by class noun (data.class_nouns: classes.csv or the file
+    names' leading words), when the images have at least two nouns: swapped for the next image of
+    another class, and for the next image of the same class. An encoder that captures only the
+    class (a "dog" concept, not *this* dog) has a clear other-class gap and none within a class;
+    identity, Sec. 4's aim, needs both. Keys gap_{kind}, gap_{kind}_se, n_{kind}; {} otherwise."""
+    nouns = [val["nouns"][f] for f in val["files"]]
+    if len(set(nouns)) < 2:
+        return {}
+    rec = {}
+    for kind, partners in class_partners(nouns).items():
+        swapped = concept_losses(comps, concepts, alphas, val, partners)
+        diffs = [s - m for s, m in zip(swapped, matched) if s is not None]
+        if diffs:
+            gap = cmdline.mean_se(diffs)
+            rec.update({f"gap_{kind}": gap["mean"], f"gap_{kind}_se": gap["se"], f"n_{kind}": len(diffs)})
+    return rec
 
 
 def measure_concept_files(cfg: Config) -> dict:
@@ -320,7 +363,8 @@ def measure_concept_files(cfg: Config) -> dict:
     matched, swapped, gap = matched_vs_swapped(comps, concepts, alphas, val)
     n = len(concepts)
     rec = {"event": "val_concepts", "concepts": cfg.val_concepts, "images": cfg.val_images, "matched": sum(matched) / n,
-           "swapped": sum(swapped) / n, "gap": gap["mean"], "gap_se": gap["se"], "n": n}
+           "swapped": sum(swapped) / n, "gap": gap["mean"], "gap_se": gap["se"], "n": n,
+           **class_split_gaps(comps, concepts, alphas, val, matched)}
     print(json.dumps(rec))
     return rec
 
@@ -371,7 +415,7 @@ def load_validation_set(cfg: Config, comps, folder: str | None = None) -> dict:
         latents.append(model.vae_latents(comps.vae, views.to(device), g).float())
         clip.append(clip_view)
     return {"centre": torch.cat(centre), "clip": torch.stack(clip).to(device), "latents": latents, "files": files,
-            "folder": folder}
+            "folder": folder, "nouns": data_lib.class_nouns(folder, files)}
 
 
 def make_checkpoint(cfg, comps, encoder, opt, sched, step: int) -> dict:
@@ -535,8 +579,10 @@ class RunLog:
                         "images_per_s": round(self.images_per_s, 3), "peak_gb": round(peak, 3)})
 
     def validation(self, rec: dict):
+        split = "".join(f"{kind.replace('_', ' ')} {rec[f'gap_{kind}']:+.5f} ± {rec[f'gap_{kind}_se']:.5f}, "
+                        for kind in ("other_class", "same_class") if f"gap_{kind}" in rec)
         self.bar.write(f"step {rec['step']}: val [{rec['images']}] gap (swapped - matched) "
-                       f"{rec['gap']:+.5f} ± {rec['gap_se']:.5f}, "
+                       f"{rec['gap']:+.5f} ± {rec['gap_se']:.5f}, {split}"
                        f"matched {rec['matched']:.5f}, |v*| {rec['v_norm']:.3f}, |dW| {rec['delta_w_norm']:.3f}, "
                        f"v* pairwise cos {rec['v_pairwise_cos']:.3f}, nearest words "
                        + ", ".join(f"{w} x{c}" for w, c in rec["top_words"].items()), file=sys.stderr)

@@ -45,7 +45,7 @@ def test_clip_t_scores_the_prompt_with_the_class_noun(metric):
 
 def test_class_nouns_from_csv_or_file_stem(tmp_path):
     (tmp_path / "classes.csv").write_text("file,noun\nx_1.png,backpack\n")
-    assert evaluate.class_nouns(str(tmp_path), ["dog_02.jpg", "x_1.png", "123.png"]) == {
+    assert data.class_nouns(str(tmp_path), ["dog_02.jpg", "x_1.png", "123.png"]) == {
         "dog_02.jpg": "dog", "x_1.png": "backpack", "123.png": "object"}
 
 

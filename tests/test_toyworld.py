@@ -224,6 +224,14 @@ def test_pretrain_on_the_toy_world_logs_the_matched_vs_swapped_signal(toy, tmp_p
         assert -1 <= r["v_pairwise_cos"] <= 1 and sum(r["top_words"].values()) <= r["n"]
         assert len(r["words"]) == r["n"] and all(len(w) == 3 for w in r["words"].values())
         assert set(r["top_words"]) <= {w[0] for w in r["words"].values()}
+        # The concepts (cross_01.png, ...: two of each class) split the gap by class noun; the
+        # held-out pictures' names (00_ring_white_small.png, ...) have no noun: no split.
+        split = {"gap_other_class", "gap_other_class_se", "n_other_class", "gap_same_class", "gap_same_class_se",
+                 "n_same_class"}
+        if r["images"].endswith("concepts"):
+            assert split <= set(r) and r["n_other_class"] == r["n_same_class"] == 12
+        else:
+            assert not split & set(r)
     assert sorted(os.listdir(tmp_path / "run" / "val")) == [
         "step_0000001.png", "step_0000001_concepts.png", "step_0000002.png", "step_0000002_concepts.png"]
     ckpt = model.load_encoder_checkpoint(str(tmp_path / "run" / "encoder.pt"))

@@ -391,6 +391,41 @@ def test_validation_gap_is_exactly_zero_for_an_image_blind_encoder_and_not_other
     assert sorted(os.listdir(tmp_path / "o" / "val")) == ["step_0000001.png", "step_0000002.png"]
 
 
+def test_validation_gap_splits_by_class_noun_and_a_class_only_encoder_has_no_same_class_gap(tiny, tmp_path):
+    """Swapped with the next image of another class, and with the next of the same class: two
+    dogs that get one shared concept (a class, not an instance) have a same-class gap of exactly 0."""
+    comps, names = tiny
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for i, f in enumerate(["cat_1.png", "dog_1.png", "dog_2.png"]):
+        data.synthetic_image(i, size=64).save(folder / f)
+    cfg = pretrain.Config(preset="tiny", data="synthetic", val_images=str(folder), val_views=2)
+    val = pretrain.load_validation_set(cfg, comps)
+    assert [val["nouns"][f] for f in val["files"]] == ["cat", "dog", "dog"]
+    g = torch.Generator().manual_seed(0)
+
+    def concept():
+        v = comps.token_table[2000:2001] + 0.1 * torch.randn(1, comps.token_table.shape[1], generator=g)
+        return v, {n: (torch.randn(1, din, 2, generator=g), 0.1 * torch.randn(1, 2, dout, generator=g))
+                   for n, (din, dout) in zip(names, model.lora_shapes(comps.unet, names))}
+
+    cat, dog = concept(), concept()
+    concepts, alphas = [cat, dog, dog], [0.3] * 3
+    matched = pretrain.concept_losses(comps, concepts, alphas, val, [0, 1, 2])
+    rec = pretrain.class_split_gaps(comps, concepts, alphas, val, matched)
+    assert rec["n_same_class"] == 2 and rec["gap_same_class"] == 0 and rec["gap_same_class_se"] == 0
+    other = pretrain.concept_losses(comps, concepts, alphas, val, [1, 0, 0])  # cat -> dog_1, each dog -> cat
+    assert rec["n_other_class"] == 3 and abs(rec["gap_other_class"]) > 1e-7
+    assert rec["gap_other_class"] == pytest.approx(sum(o - m for o, m in zip(other, matched)) / 3)
+    # The logged gap swaps with the next file, whatever its class: here cat -> dog_1 -> dog_2 -> cat.
+    _, swapped, gap = pretrain.matched_vs_swapped(comps, concepts, alphas, val)
+    assert swapped[1] == matched[1] and gap["mean"] == pytest.approx((swapped[0] - matched[0] + swapped[2] - matched[2]) / 3)
+    val["nouns"] = dict.fromkeys(val["files"], "object")  # one noun: nothing to split
+    assert pretrain.class_split_gaps(comps, concepts, alphas, val, matched) == {}
+    assert pretrain.class_partners(["a", "a", "b", "b", "c"]) == {"other_class": [2, 2, 4, 4, 0],
+                                                                   "same_class": [1, 0, 3, 2, None]}
+
+
 def test_val_concepts_measures_saved_concept_files_with_the_same_signal(tiny, tmp_path, capsys):
     comps, names = tiny
     images, same, own = tmp_path / "val", tmp_path / "same", tmp_path / "own"
