@@ -255,13 +255,14 @@ def validate(cfg: Config, comps, encoder, val: dict, step: int, out_dir: str) ->
         with model.autocast(device):
             v, lora = model.encode(encoder, comps, val["clip"][i:i + 1], z_t, t_enc)
         concepts.append((v.float(), {k: (A.float(), B.float()) for k, (A, B) in lora.items()}))
-    matched, swapped, gap = matched_vs_swapped(comps, concepts, [cfg.alpha_blend] * n, val)
+    cache = {}  # (i, j) -> loss: shared with class_split_gaps
+    matched, swapped, gap = matched_vs_swapped(comps, concepts, [cfg.alpha_blend] * n, val, cache)
     dw = [sum(losses.hyperweight_l2(A, B) for A, B in lora.values()).sqrt().item() if lora else 0.0
           for _, lora in concepts]  # ||Delta W||_F over all layers
     rec = {"event": "val", "step": step, "images": val["folder"], "matched": sum(matched) / n,
            "swapped": sum(swapped) / n, "gap": gap["mean"], "gap_se": gap["se"],
            "v_norm": sum(v.norm().item() for v, _ in concepts) / n, "delta_w_norm": sum(dw) / n, "n": n,
-           **class_split_gaps(comps, concepts, [cfg.alpha_blend] * n, val, matched),
+           **class_split_gaps(comps, concepts, [cfg.alpha_blend] * n, val, cache),
            **collapse_stats(comps, torch.cat([v for v, _ in concepts]), val["files"])}
     tag = "" if val["folder"] == val_folders(cfg)[0] else "_" + os.path.basename(os.path.normpath(val["folder"]))
     _reconstruction_grid(cfg, comps, concepts, val, os.path.join(out_dir, "val", f"step_{step:07d}{tag}.png"))
@@ -282,16 +283,20 @@ def collapse_stats(comps, v: torch.Tensor, files: list[str]) -> dict:
 
 
 @torch.no_grad()
-def concept_losses(comps, concepts: list, alphas: list[float], val: dict, partners: list) -> list:
+def concept_losses(comps, concepts: list, alphas: list[float], val: dict, partners: list,
+                   cache: dict | None = None) -> list:
     """Eq. (1) on the held-out views of each image i with the concept of image partners[i] (None:
     skipped), with noise, t and prompts fixed by i alone, so that every partner of image i meets
     exactly the same noisy views. concepts: [(v (1, D), lora)], one per image; alphas: the
-    alpha_blend of Eq. (5) each concept is used with. Returns one loss (or None) per image."""
+    alpha_blend of Eq. (5) each concept is used with. cache: {(i, j): loss} shared by the calls
+    of one validation, so that a pair two measurements both use is computed once.
+    Returns one loss (or None) per image."""
     device = comps.token_table.device
+    cache = {} if cache is None else cache
     out = []
     for i, j in enumerate(partners):
-        if j is None:
-            out.append(None)
+        if j is None or (i, j) in cache:
+            out.append(None if j is None else cache[i, j])
             continue
         z0 = val["latents"][i]  # (views, 4, h, w): held-out views of image i
         g = torch.Generator(device).manual_seed(10_000 + i)  # the same noise, t, prompts for every partner
@@ -299,17 +304,18 @@ def concept_losses(comps, concepts: list, alphas: list[float], val: dict, partne
         prompts = data_lib.make_prompts(len(z0), random.Random(i))
         v, lora = concepts[j]
         pred = model.dual_path_prediction(comps, z_t, t, prompts, v, lora, alphas[j])
-        out.append(losses.diffusion_loss(pred, tgt).item())
+        cache[i, j] = losses.diffusion_loss(pred, tgt).item()
+        out.append(cache[i, j])
     return out
 
 
-def matched_vs_swapped(comps, concepts: list, alphas: list[float], val: dict):
+def matched_vs_swapped(comps, concepts: list, alphas: list[float], val: dict, cache: dict | None = None):
     """Eq. (1) on the held-out views of each image i with concept i ("matched") and with concept
     i+1 ("swapped"), the same noise, t and prompts for both (concept_losses).
     Returns (matched losses, swapped losses, mean and SE of swapped - matched)."""
     n = len(concepts)
-    matched = concept_losses(comps, concepts, alphas, val, list(range(n)))
-    swapped = concept_losses(comps, concepts, alphas, val, [(i + 1) % n for i in range(n)])
+    matched = concept_losses(comps, concepts, alphas, val, list(range(n)), cache)
+    swapped = concept_losses(comps, concepts, alphas, val, [(i + 1) % n for i in range(n)], cache)
     return matched, swapped, cmdline.mean_se([s - m for s, m in zip(swapped, matched)])
 
 
@@ -322,18 +328,21 @@ def class_partners(nouns: list[str]) -> dict:
             for kind, same in (("other_class", False), ("same_class", True))}
 
 
-def class_split_gaps(comps, concepts: list, alphas: list[float], val: dict, matched: list) -> dict:
+def class_split_gaps(comps, concepts: list, alphas: list[float], val: dict, cache: dict) -> dict:
     """The matched-vs-swapped gap split by class noun (data.class_nouns: classes.csv or the file
     names' leading words), when the images have at least two nouns: swapped for the next image of
     another class, and for the next image of the same class. An encoder that captures only the
     class (a "dog" concept, not *this* dog) has a clear other-class gap and none within a class;
-    identity, Sec. 4's aim, needs both. Keys gap_{kind}, gap_{kind}_se, n_{kind}; {} otherwise."""
+    identity, Sec. 4's aim, needs both. cache: matched_vs_swapped's (the matched losses, and a
+    partner that is also the next image, are not computed again). Keys gap_{kind}, gap_{kind}_se,
+    n_{kind}; {} otherwise."""
     nouns = [val["nouns"][f] for f in val["files"]]
     if len(set(nouns)) < 2:
         return {}
+    matched = concept_losses(comps, concepts, alphas, val, list(range(len(nouns))), cache)
     rec = {}
     for kind, partners in class_partners(nouns).items():
-        swapped = concept_losses(comps, concepts, alphas, val, partners)
+        swapped = concept_losses(comps, concepts, alphas, val, partners, cache)
         diffs = [s - m for s, m in zip(swapped, matched) if s is not None]
         if diffs:
             gap = cmdline.mean_se(diffs)
@@ -360,11 +369,12 @@ def measure_concept_files(cfg: Config) -> dict:
             raise cmdline.UserError(f"--val-concepts: {e}") from None
         concepts.append((c["v_star"][None].to(device), model.concept_lora(c, device)))
         alphas.append(c["alpha_blend"])
-    matched, swapped, gap = matched_vs_swapped(comps, concepts, alphas, val)
+    cache = {}  # (i, j) -> loss: shared with class_split_gaps
+    matched, swapped, gap = matched_vs_swapped(comps, concepts, alphas, val, cache)
     n = len(concepts)
     rec = {"event": "val_concepts", "concepts": cfg.val_concepts, "images": cfg.val_images, "matched": sum(matched) / n,
            "swapped": sum(swapped) / n, "gap": gap["mean"], "gap_se": gap["se"], "n": n,
-           **class_split_gaps(comps, concepts, alphas, val, matched)}
+           **class_split_gaps(comps, concepts, alphas, val, cache)}
     print(json.dumps(rec))
     return rec
 

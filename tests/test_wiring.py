@@ -411,8 +411,9 @@ def test_validation_gap_splits_by_class_noun_and_a_class_only_encoder_has_no_sam
 
     cat, dog = concept(), concept()
     concepts, alphas = [cat, dog, dog], [0.3] * 3
-    matched = pretrain.concept_losses(comps, concepts, alphas, val, [0, 1, 2])
-    rec = pretrain.class_split_gaps(comps, concepts, alphas, val, matched)
+    cache = {}
+    matched = pretrain.concept_losses(comps, concepts, alphas, val, [0, 1, 2], cache)
+    rec = pretrain.class_split_gaps(comps, concepts, alphas, val, cache)
     assert rec["n_same_class"] == 2 and rec["gap_same_class"] == 0 and rec["gap_same_class_se"] == 0
     other = pretrain.concept_losses(comps, concepts, alphas, val, [1, 0, 0])  # cat -> dog_1, each dog -> cat
     assert rec["n_other_class"] == 3 and abs(rec["gap_other_class"]) > 1e-7
@@ -421,7 +422,7 @@ def test_validation_gap_splits_by_class_noun_and_a_class_only_encoder_has_no_sam
     _, swapped, gap = pretrain.matched_vs_swapped(comps, concepts, alphas, val)
     assert swapped[1] == matched[1] and gap["mean"] == pytest.approx((swapped[0] - matched[0] + swapped[2] - matched[2]) / 3)
     val["nouns"] = dict.fromkeys(val["files"], "object")  # one noun: nothing to split
-    assert pretrain.class_split_gaps(comps, concepts, alphas, val, matched) == {}
+    assert pretrain.class_split_gaps(comps, concepts, alphas, val, cache) == {}
     assert pretrain.class_partners(["a", "a", "b", "b", "c"]) == {"other_class": [2, 2, 4, 4, 0],
                                                                    "same_class": [1, 0, 3, 2, None]}
 
