@@ -22,7 +22,8 @@ Variants
 Writes OUT/metrics.json, OUT/metrics.md (a table with tuning times), OUT/tradeoff.png (Fig. 5a
 and 5b panels), OUT/grid.png (input photo, then one image per prompt, per variant: Fig. 3/4
 style) and the images under OUT/images/. Re-running with the same --out reuses finished
-concepts and images.
+concepts and images. On a CPU, --jobs 2 tunes and draws in two one-thread processes (the same
+numbers as --jobs 1 on one thread; faster where one process leaves the second core half idle).
 """
 from __future__ import annotations
 
@@ -103,6 +104,7 @@ class Config:
     clip: str = model.SD15_CLIP[1]  # sd15: open_clip tag or local file for ViT-H-14
     eval_clip: str = "openai"  # metric CLIP: sd15: a ViT-B-16 tag or OpenAI weights file; toy: runs/toyworld/clip-b
     judge: str | None = None  # toy: the world's ground-truth judge (default: judge.pt beside --base's folder)
+    jobs: int = 1  # CPU only: tune and draw in this many one-thread worker processes, then score (2 on 2 cores)
 
 
 UserError = cmdline.UserError  # bad input: one line on stderr, exit code 2
@@ -325,7 +327,7 @@ def check_inputs(cfg: Config):
     if unknown or not variants:
         raise UserError(f"--variants: unknown {unknown or cfg.variants!r}; choose from {', '.join(VARIANTS)} or paper")
     for flag, val in (("--num-images", cfg.num_images), ("--steps", cfg.steps), ("--batch-size", cfg.batch_size),
-                      ("--ti-steps", cfg.ti_steps), ("--lora-steps", cfg.lora_steps)):
+                      ("--ti-steps", cfg.ti_steps), ("--lora-steps", cfg.lora_steps), ("--jobs", cfg.jobs)):
         if val <= 0:
             raise UserError(f"{flag} must be positive, got {val}")
     if cfg.tune_steps < 0 or not cfg.lambda_anchor >= 0:
@@ -480,6 +482,41 @@ def load_encoders(cfg: Config, variants: list[str], comps, names, device) -> dic
     return encoders
 
 
+def concept_and_images(cfg: Config, variant: str, f: str, prompts, nouns, images, comps, encoders, pipe, bar,
+                       reused: dict):
+    """Tune (or reuse) one concept of one variant and generate (or reuse) its images.
+    Returns (concept, [(paths, images)] in the order of prompts); counts reuse in `reused`."""
+    stem = os.path.splitext(f)[0]
+    cdir = os.path.join(cfg.out, "concepts", variant)
+    os.makedirs(cdir, exist_ok=True)
+    cpath = os.path.join(cdir, f"{stem}.pt")
+    concept = cached_concept(cpath, variant_settings(cfg, variant)) if not cfg.fresh else None
+    if concept is not None:
+        reused["concepts"] += 1
+    else:
+        bar.set_description(f"tuning {variant}/{stem}")
+        concept = tune_variant(cfg, variant, comps, encoders, images[f], os.path.join(cfg.images, f), nouns[f])
+        cmdline.atomic_save(concept, cpath)
+    bar.set_description(f"sampling {variant}/{stem}")
+    drawn = []
+    for j, prompt in enumerate(prompts):
+        idir = os.path.join(cfg.out, "images", variant, stem)
+        os.makedirs(idir, exist_ok=True)
+        key = image_key(concept, prompt, cfg)  # a changed prompt, setting or concept never reuses
+        paths = [os.path.join(idir, f"p{j:02d}_{key}_{k}.png") for k in range(cfg.num_images)]
+        if all(os.path.isfile(p) for p in paths) and not cfg.fresh:
+            gen = [Image.open(p).convert("RGB") for p in paths]
+            reused["images"] += len(gen)
+        else:
+            gen = sample.generate(pipe, comps, concept, prompt, num_images=cfg.num_images, steps=cfg.steps,
+                                  guidance=cfg.guidance, seed=cfg.seed + 1000 * j)
+            for im, p in zip(gen, paths):
+                sample.save_png(im, p)
+        drawn.append((paths, gen))
+        bar.update(cfg.num_images)
+    return concept, drawn
+
+
 def run_variants(cfg: Config, variants, files, prompts, nouns, images, comps, encoders, pipe, metric, bar,
                  judge: Judge | None = None):
     """Tune (or reuse) every concept of every variant, generate (or reuse) its images, score them.
@@ -489,50 +526,29 @@ def run_variants(cfg: Config, variants, files, prompts, nouns, images, comps, en
     for variant in variants:
         results[variant], v_stars[variant] = {}, []
         for f in files:
-            stem = os.path.splitext(f)[0]
-            cdir = os.path.join(cfg.out, "concepts", variant)
-            os.makedirs(cdir, exist_ok=True)
-            cpath = os.path.join(cdir, f"{stem}.pt")
-            concept = cached_concept(cpath, variant_settings(cfg, variant)) if not cfg.fresh else None
-            if concept is not None:
-                reused["concepts"] += 1
-            else:
-                bar.set_description(f"tuning {variant}/{stem}")
-                concept = tune_variant(cfg, variant, comps, encoders, images[f], os.path.join(cfg.images, f), nouns[f])
-                cmdline.atomic_save(concept, cpath)
+            concept, drawn = concept_and_images(cfg, variant, f, prompts, nouns, images, comps, encoders, pipe, bar,
+                                                reused)
             v_stars[variant].append(concept["v_star"])
-            bar.set_description(f"sampling {variant}/{stem}")
             per_prompt = {}
-            for j, prompt in enumerate(prompts):
-                idir = os.path.join(cfg.out, "images", variant, stem)
-                os.makedirs(idir, exist_ok=True)
-                key = image_key(concept, prompt, cfg)  # a changed prompt, setting or concept never reuses
-                paths = [os.path.join(idir, f"p{j:02d}_{key}_{k}.png") for k in range(cfg.num_images)]
-                if all(os.path.isfile(p) for p in paths) and not cfg.fresh:
-                    gen = [Image.open(p).convert("RGB") for p in paths]
-                    reused["images"] += len(gen)
-                else:
-                    gen = sample.generate(pipe, comps, concept, prompt, num_images=cfg.num_images, steps=cfg.steps,
-                                          guidance=cfg.guidance, seed=cfg.seed + 1000 * j)
-                    for im, p in zip(gen, paths):
-                        sample.save_png(im, p)
+            for prompt, (paths, gen) in zip(prompts, drawn):
                 text = noun_prompt(prompt, nouns[f])
                 per_prompt[prompt] = {"identity": metric.identity(images[f], gen),
                                       "prompt": metric.prompt_similarity(gen, text),
                                       "text": text, "images": [os.path.relpath(p, cfg.out) for p in paths]}
                 if judge is not None:
                     per_prompt[prompt]["judge"] = judge.scores(f, prompt, gen)
-                bar.update(cfg.num_images)
-            results[variant][stem] = {"noun": nouns[f], "token": concept["token"], "prompts": per_prompt,
-                                      "nearest_words": concept.get("nearest_words") or [[concept["token"], None]],
-                                      "tune_s": concept["tuning"]["seconds"],
-                                      "identity": sum(r["identity"] for r in per_prompt.values()) / len(per_prompt),
-                                      "prompt": sum(r["prompt"] for r in per_prompt.values()) / len(per_prompt)}
+            results[variant][os.path.splitext(f)[0]] = {
+                "noun": nouns[f], "token": concept["token"], "prompts": per_prompt,
+                "nearest_words": concept.get("nearest_words") or [[concept["token"], None]],
+                "tune_s": concept["tuning"]["seconds"],
+                "identity": sum(r["identity"] for r in per_prompt.values()) / len(per_prompt),
+                "prompt": sum(r["prompt"] for r in per_prompt.values()) / len(per_prompt)}
     return results, reused, {k: torch.stack(v) for k, v in v_stars.items()}
 
 
-def main(cfg: Config):
-    # 1) Inputs, before anything heavy.
+def load_inputs(cfg: Config):
+    """Checked inputs, before anything heavy: (files, variants, prompts, {file: noun}, {file: PIL image},
+    preset)."""
     files, variants, prompts = check_inputs(cfg)
     nouns = data_lib.class_nouns(cfg.images, files)
     images = {}
@@ -543,26 +559,145 @@ def main(cfg: Config):
             raise UserError(str(e)) from None
     _, preset = tune.load_encoder_checkpoint(tune.Config(encoder=cfg.encoder, preset=cfg.preset, base=cfg.base,
                                                          clip=cfg.clip), prog="evaluate.py")
+    return files, variants, prompts, nouns, images, preset
 
-    # 2) Models: frozen parts set up exactly as tune.py sets them up, encoders, pipeline, metric CLIP.
-    device = cmdline.resolve_device(cfg.device)
+
+def load_generators(cfg: Config, variants, preset: str, device):
+    """Frozen parts set up exactly as tune.py sets them up, the encoders, the sampling pipeline:
+    (comps, encoders, pipe)."""
     comps, names = tune.load_models(preset, device, cfg.base, cfg.clip)
     encoders = load_encoders(cfg, variants, comps, names, device)
     pipe = sample.build_pipeline(comps)
     pipe.set_progress_bar_config(disable=True)  # one bar for the whole run instead
+    return comps, encoders, pipe
+
+
+# ----------------------------------------------------------------------------------------
+# --jobs N on a CPU: N worker processes, one thread each, tune and draw; the main pass scores.
+# The toy models are so small that one process keeps a second thread only partly busy, so two
+# one-thread processes finish sooner than one two-thread process. Each (variant, concept) is
+# tuned and drawn by one worker exactly as the main pass would, and written to --out; the main
+# pass then finds every concept and image there (the cache a re-run uses) and only scores.
+
+class _QueueBar:
+    """What concept_and_images needs of a progress bar, in a worker: counts go to the main process."""
+
+    def __init__(self, progress):
+        self.progress = progress
+
+    def set_description(self, text: str):
+        pass
+
+    def update(self, n: int):
+        self.progress.put(("images", n))
+
+
+def _worker(cfg: Config, items, progress, errors):
+    """One worker process: take (variant, file) items until None, tune and draw each."""
+    torch.set_num_threads(1)
+    sys.stderr = open(os.devnull, "w")  # tuning bars and warnings of N workers would garble the one bar
+    reused = {"concepts": 0, "images": 0}
+    try:
+        files, variants, prompts, nouns, images, preset = load_inputs(cfg)
+        comps, encoders, pipe = load_generators(cfg, variants, preset, torch.device("cpu"))
+        bar = _QueueBar(progress)
+        while (item := items.get()) is not None:
+            variant, f = item
+            concept_and_images(cfg, variant, f, prompts, nouns, images, comps, encoders, pipe, bar, reused)
+    except (UserError, model.WeightsUnavailable) as e:
+        errors.put(("user", str(e)))
+    except KeyboardInterrupt:
+        pass
+    except BaseException:  # a bug: its traceback goes to the main process, which prints it
+        import traceback
+
+        errors.put(("bug", traceback.format_exc()))
+    progress.put(("reused", reused))
+
+
+def draw_in_workers(cfg: Config, variants, files, prompts) -> dict:
+    """Tune and draw every (variant, concept) in cfg.jobs one-thread worker processes (see above).
+    Returns what they reused from an earlier run, {"concepts": n, "images": n}."""
+    import multiprocessing
+    import queue
+
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no state shared with this one
+    items, progress, errors = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    # The baselines' long tunings first, so that the short items even out the workers' ends.
+    for item in sorted(((v, f) for v in variants for f in files), key=lambda it: it[0] not in BASELINES):
+        items.put(item)
+    for _ in range(cfg.jobs):
+        items.put(None)
+    procs = [ctx.Process(target=_worker, args=(cfg, items, progress, errors), daemon=True) for _ in range(cfg.jobs)]
+    for p in procs:
+        p.start()
+    reused, reports = {"concepts": 0, "images": 0}, 0
+    bar = tqdm(total=len(variants) * len(files) * len(prompts) * cfg.num_images, unit="image", dynamic_ncols=True,
+               desc=f"tuning and drawing in {cfg.jobs} processes")
+    try:
+        while reports < len(procs):  # each worker reports its reuse last, whatever happened
+            try:
+                kind, value = progress.get(timeout=1.0)
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs):
+                    break  # a worker was killed (out of memory?) before it could report
+                continue
+            if kind == "images":
+                bar.update(value)
+            else:
+                reports += 1
+                reused = {k: reused[k] + value[k] for k in reused}
+    finally:
+        bar.close()
+    for p in procs:
+        p.join()
+    failures = []
+    while True:
+        try:
+            failures.append(errors.get(timeout=0.1))
+        except queue.Empty:
+            break
+    for kind, text in failures:
+        if kind == "bug":
+            print(text, file=sys.stderr)
+            raise RuntimeError("evaluate.py: a worker process failed (its traceback is above)")
+    if failures:
+        raise UserError(failures[0][1])
+    codes = [p.exitcode for p in procs if p.exitcode != 0]
+    if codes:
+        raise UserError(f"a worker process ended with exit code {codes[0]} (out of memory?); "
+                        f"a re-run with the same --out reuses everything that was finished")
+    return reused
+
+
+def main(cfg: Config):
+    # 1) Inputs, before anything heavy.
+    files, variants, prompts, nouns, images, preset = load_inputs(cfg)
+    device = cmdline.resolve_device(cfg.device)
+    os.makedirs(cfg.out, exist_ok=True)
+    worker_reuse = None
+    if cfg.jobs > 1:
+        if device.type != "cpu":
+            raise UserError(f"--jobs {cfg.jobs} is for the CPU (one-thread worker processes); on {device} use --jobs 1")
+        worker_reuse = draw_in_workers(cfg, variants, files, prompts)
+        cfg = dataclasses.replace(cfg, fresh=False)  # the workers' concepts and images are the fresh ones
+
+    # 2) Models: frozen parts set up exactly as tune.py sets them up, encoders, pipeline, metric CLIP.
+    comps, encoders, pipe = load_generators(cfg, variants, preset, device)
     metric = ClipMetric(preset, device, cfg.eval_clip)
     judge = open_judge(cfg, preset, comps.base, files)
 
     # 3) Concepts, images, scores. Everything finished is on disk and reused on a re-run.
-    os.makedirs(cfg.out, exist_ok=True)
     # The bar counts generated images (its estimate is in images); tuning shows in its label.
-    bar = tqdm(total=len(variants) * len(files) * len(prompts) * cfg.num_images, desc="evaluate", unit="image",
-               dynamic_ncols=True)
+    bar = tqdm(total=len(variants) * len(files) * len(prompts) * cfg.num_images, unit="image", dynamic_ncols=True,
+               desc="evaluate" if worker_reuse is None else "scoring")
     try:
         results, reused, v_stars = run_variants(cfg, variants, files, prompts, nouns, images, comps, encoders, pipe,
                                                 metric, bar, judge)
     finally:
         bar.close()  # before any message, also on Ctrl-C
+    if worker_reuse is not None:
+        reused = worker_reuse  # (the main pass found everything the workers wrote)
 
     # 4) Summaries (mean and standard error over concept x prompt cells; tuning time over
     #    concepts), what the concepts' v* read as, table, plot.

@@ -118,3 +118,40 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("evaluate.py: error:")
     assert not (tmp_path / "o").exists()
+
+
+def test_jobs_2_workers_give_the_numbers_and_pictures_of_one_thread(tmp_path):
+    """--jobs 2 tunes and draws in two one-thread worker processes, then scores in the main one:
+    every concept, picture and score equals a --jobs 1 run on one thread, including a baseline."""
+    imgs, prompts = _eval_set(tmp_path)
+    base = ["--images", str(imgs), "--prompts", str(prompts), "--preset", "tiny", "--encoder", "random",
+            "--variants", "full,textual_inversion", "--num-images", "1", "--steps", "2", "--tune-steps", "1",
+            "--ti-steps", "2", "--batch-size", "2", "--device", "cpu"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert evaluate.cli(base + ["--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert evaluate.cli(base + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    for variant in ("full", "textual_inversion"):
+        for stem in ("dog_01", "teapot_02"):
+            a, b = one["variants"][variant][stem], two["variants"][variant][stem]
+            assert [c["identity"] for c in a["prompts"].values()] == [c["identity"] for c in b["prompts"].values()]
+            assert [c["images"] for c in a["prompts"].values()] == [c["images"] for c in b["prompts"].values()]
+            for rel in (p for c in a["prompts"].values() for p in c["images"]):
+                assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes()
+            ca, cb = (torch.load(tmp_path / d / "concepts" / variant / f"{stem}.pt", weights_only=True)
+                      for d in ("one", "two"))
+            assert torch.equal(ca["v_star"], cb["v_star"])
+    assert two["reused"] == {"concepts": 0, "images": 0}  # the workers' fresh work, not the scoring pass's reuse
+    assert two["summary"]["full"]["identity"] == one["summary"]["full"]["identity"]
+
+
+def test_jobs_below_one_is_one_line(tmp_path, capsys):
+    imgs, prompts = _eval_set(tmp_path)
+    args = ["--images", str(imgs), "--preset", "tiny", "--encoder", "random", "--out", str(tmp_path / "o"), "--jobs", "0"]
+    assert evaluate.cli(args) == 2
+    assert "--jobs must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
