@@ -303,7 +303,8 @@ def train_loop(name: str, out: str, params, step_fn, steps: int, lr: float, stat
     OUT/NAME.ckpt every ckpt_every steps and resumes from it -- only if that checkpoint belongs
     to a run of the same length: the cosine's period is the length, so continuing a 1,000-step
     run to 2,500 steps would restart the decayed learning rate at 65 % of its peak (a warm
-    restart nobody asked for). From such a checkpoint the stage starts over (and replaces it)."""
+    restart nobody asked for) -- and of the same shapes (a judge of another width). From any
+    other checkpoint the stage starts over (and replaces it)."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
@@ -312,6 +313,11 @@ def train_loop(name: str, out: str, params, step_fn, steps: int, lr: float, stat
     ck = torch.load(path, weights_only=True) if os.path.isfile(path) else None
     if ck is not None and ck.get("steps") != steps:
         print(f"toyworld.py: {name}: {path} is from a run of {ck.get('steps', 'unknown')} steps, not {steps}: "
+              "starting over", file=sys.stderr)
+        ck = None
+    shapes = {k: {n: tuple(t.shape) for n, t in m.state_dict().items()} for k, m in state.items()}
+    if ck is not None and {k: {n: tuple(t.shape) for n, t in sd.items()} for k, sd in ck["state"].items()} != shapes:
+        print(f"toyworld.py: {name}: {path} is from a model of another shape (another --judge-width?): "
               "starting over", file=sys.stderr)
         ck = None
     if ck is not None:
@@ -925,6 +931,7 @@ class Config:
     clip_batch_size: int = 64  # training batch of the CLIPs (contrastive: more negatives)
     judge_steps: int = 2_000  # steps of the ground-truth judge
     judge_batch_size: int = 64
+    judge_width: int = 16  # the judge's first convolution's channels (then 2x, 4x; its head 8x)
     competence_per_class: int = 20  # pictures drawn per class for the drawing measurement
     competence_steps: int = 25  # DDIM steps of those pictures
     competence_renders: int = 240  # held-out renders for the judge's and the CLIPs' competence
@@ -962,7 +969,7 @@ def _run_stage(cfg: Config, stage: str) -> float:
     elif stage == "vae":
         stage_vae(cfg.out, cfg.vae_steps, cfg.batch_size, cfg.seed)
     elif stage == "judge":
-        stage_judge(cfg.out, cfg.judge_steps, cfg.judge_batch_size, cfg.seed + 3)
+        stage_judge(cfg.out, cfg.judge_steps, cfg.judge_batch_size, cfg.seed + 3, cfg.judge_width)
     elif stage in CLIP_CONFIGS:
         stage_clip(stage, cfg.out, cfg.text_clip_steps if stage == "clip-l" else cfg.clip_steps, cfg.clip_batch_size,
                    cfg.seed + {"clip-h": 1, "clip-b": 2, "clip-l": 4}[stage])
@@ -1022,7 +1029,10 @@ def main(cfg: Config):
 
 def parse_args(argv=None) -> Config:
     p = cmdline.config_parser(Config, __doc__.split("\n\n")[0].strip(), choices={"stage": STAGES + ("all",)})
-    return Config(**vars(p.parse_args(argv)))
+    cfg = Config(**vars(p.parse_args(argv)))
+    if cfg.judge_width <= 0 or cfg.judge_width % 8:
+        p.error(f"--judge-width must be a positive multiple of 8 (its GroupNorm has 8 groups), got {cfg.judge_width}")
+    return cfg
 
 
 if __name__ == "__main__":

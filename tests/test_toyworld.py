@@ -4,6 +4,7 @@ validation measurements computed by the code the README's numbers come from."""
 import dataclasses
 import json
 import os
+import shutil
 import random
 
 import open_clip
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import cmdline
 import evaluate
 import model
 import pretrain
@@ -68,6 +70,20 @@ def test_the_same_seed_builds_the_same_world_and_models(toy, tmp_path):
     a, b = (torch.load(os.path.join(d, "judge.pt"), weights_only=True)["judge"] for d in (out, tmp_path))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.load(open(os.path.join(out, "competence.json"))) == json.load(open(tmp_path / "competence.json"))
+
+
+def test_judge_width_sets_the_judges_channels(toy, tmp_path):
+    """--judge-width: the judge stage alone, on a copy of the micro world, trains a judge of that
+    width (load_judge rebuilds it from the file); a width its GroupNorm cannot split is refused."""
+    out, cfg, _ = toy
+    copy = str(tmp_path / "w")
+    shutil.copytree(out, copy)
+    toyworld.main(dataclasses.replace(cfg, out=copy, stage="judge", judge_width=8))
+    judge = toyworld.load_judge(os.path.join(copy, "judge.pt"))
+    assert judge.body[0][0].out_channels == 8 and toyworld.load_judge(os.path.join(out, "judge.pt")).body[0][0].out_channels == 16
+    assert toyworld.parse_args(["--judge-width", "32"]).judge_width == 32
+    with pytest.raises(cmdline.UserError, match="multiple of 8"):
+        toyworld.parse_args(["--judge-width", "12"])
 
 
 def test_captions_name_class_and_context_but_never_the_instance(toy):
