@@ -498,10 +498,10 @@ def concept_and_images(cfg: Config, variant: str, f: str, prompts, nouns, images
         concept = tune_variant(cfg, variant, comps, encoders, images[f], os.path.join(cfg.images, f), nouns[f])
         cmdline.atomic_save(concept, cpath)
     bar.set_description(f"sampling {variant}/{stem}")
+    idir = os.path.join(cfg.out, "images", variant, stem)
+    os.makedirs(idir, exist_ok=True)
     drawn = []
     for j, prompt in enumerate(prompts):
-        idir = os.path.join(cfg.out, "images", variant, stem)
-        os.makedirs(idir, exist_ok=True)
         key = image_key(concept, prompt, cfg)  # a changed prompt, setting or concept never reuses
         paths = [os.path.join(idir, f"p{j:02d}_{key}_{k}.png") for k in range(cfg.num_images)]
         if all(os.path.isfile(p) for p in paths) and not cfg.fresh:

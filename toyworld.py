@@ -315,8 +315,10 @@ def train_loop(name: str, out: str, params, step_fn, steps: int, lr: float, stat
         print(f"toyworld.py: {name}: {path} is from a run of {ck.get('steps', 'unknown')} steps, not {steps}: "
               "starting over", file=sys.stderr)
         ck = None
-    shapes = {k: {n: tuple(t.shape) for n, t in m.state_dict().items()} for k, m in state.items()}
-    if ck is not None and {k: {n: tuple(t.shape) for n, t in sd.items()} for k, sd in ck["state"].items()} != shapes:
+    def shapes(state_dicts: dict) -> dict:
+        return {k: {n: tuple(t.shape) for n, t in sd.items()} for k, sd in state_dicts.items()}
+
+    if ck is not None and shapes(ck["state"]) != shapes({k: m.state_dict() for k, m in state.items()}):
         print(f"toyworld.py: {name}: {path} is from a model of another shape (another --judge-width?): "
               "starting over", file=sys.stderr)
         ck = None
