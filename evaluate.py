@@ -674,11 +674,11 @@ def main(cfg: Config):
     # 1) Inputs, before anything heavy.
     files, variants, prompts, nouns, images, preset = load_inputs(cfg)
     device = cmdline.resolve_device(cfg.device)
+    if cfg.jobs > 1 and device.type != "cpu":
+        raise UserError(f"--jobs {cfg.jobs} is for the CPU (one-thread worker processes); on {device} use --jobs 1")
     os.makedirs(cfg.out, exist_ok=True)
     worker_reuse = None
     if cfg.jobs > 1:
-        if device.type != "cpu":
-            raise UserError(f"--jobs {cfg.jobs} is for the CPU (one-thread worker processes); on {device} use --jobs 1")
         worker_reuse = draw_in_workers(cfg, variants, files, prompts)
         cfg = dataclasses.replace(cfg, fresh=False)  # the workers' concepts and images are the fresh ones
 
