@@ -728,21 +728,28 @@ def build_unet():
     )
 
 
-def caption_token_ids(tokenizer) -> set[int]:
-    """Every token id a text-to-image caption can contain (start and end of text included)."""
+def caption_token_ids(tokenizer, details: bool = False) -> set[int]:
+    """Every token id a text-to-image caption can contain (start and end of text included);
+    details=True: also the words that name an instance's details (--t2i-detail-rate > 0)."""
     ids = set(tokenizer("").input_ids)
     for template in TEMPLATES:
         for cls in CLASSES:
             for bg in list(BACKGROUNDS) + [None]:
                 for obj_size in list(SIZES) + [None]:
                     ids.update(tokenizer(t2i_caption(cls, bg, obj_size, template)).input_ids)
+    if details:
+        for pattern in PATTERNS:
+            for c1 in COLOURS:
+                ids.update(tokenizer(Instance(CLASSES[0], pattern, c1, "grey", 0.0, 0.0).details()).input_ids)
     return ids
 
 
-def stage_t2i(out: str, steps: int, batch: int, seed: int):
+def stage_t2i(out: str, steps: int, batch: int, seed: int, detail_rate: float = 0.0):
     """The UNet, trained on the VAE's latents with captions encoded by the frozen text encoder
     (the text tower of OUT/clip-l, as SD 1.5's is OpenAI CLIP's): class and context named, the
-    instance never."""
+    instance never -- or, with detail_rate > 0, that fraction of the captions also names the
+    instance's pattern and colours in the CLIPs' words ("a photo of a striped grey and orange
+    ring"), which then are words of the text encoder too."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
     images, scenes, insts = load_world(out)
@@ -768,7 +775,7 @@ def stage_t2i(out: str, steps: int, batch: int, seed: int):
     with torch.no_grad():
         table = text_encoder.get_input_embeddings().weight
         unused = torch.ones(len(table), dtype=torch.bool)
-        unused[sorted(caption_token_ids(tokenizer))] = False
+        unused[sorted(caption_token_ids(tokenizer, details=detail_rate > 0))] = False
         table[unused] = 0
     # The text encoder is frozen and the captions few: encode each once.
     captions = [""] + [t2i_caption(c, bg, z, tpl) for tpl in TEMPLATES for c in CLASSES
@@ -776,7 +783,14 @@ def stage_t2i(out: str, steps: int, batch: int, seed: int):
     with torch.no_grad():
         ids = tokenizer(captions, padding="max_length", max_length=model.MAX_TOKENS, return_tensors="pt").input_ids
         encoded = torch.cat([text_encoder(ids[i:i + 512]).last_hidden_state for i in range(0, len(ids), 512)])
-    row = {c: i for i, c in enumerate(captions)}
+    hidden = dict(zip(captions, encoded))
+
+    def encode(caption: str) -> torch.Tensor:  # captions naming details are too many: each encoded when first met
+        if caption not in hidden:
+            with torch.no_grad():
+                ids = tokenizer([caption], padding="max_length", max_length=model.MAX_TOKENS, return_tensors="pt").input_ids
+                hidden[caption] = text_encoder(ids).last_hidden_state[0]
+        return hidden[caption]
     torch.manual_seed(seed)
     unet = build_unet()
 
@@ -789,12 +803,14 @@ def stage_t2i(out: str, steps: int, batch: int, seed: int):
         for i in idx:
             s = scenes[i]
             if rng.random() < 0.1:
-                rows.append(row[""])  # unconditional, for classifier-free guidance
+                rows.append(hidden[""])  # unconditional, for classifier-free guidance
             else:  # context named most of the time; every DATE prompt template as a prefix
-                rows.append(row[t2i_caption(insts[s["instance"]].cls, s["background"] if rng.random() < 0.85 else None,
-                                            s["size"] if rng.random() < 0.85 else None, rng.choice(TEMPLATES))])
+                inst = insts[s["instance"]]
+                what = inst.details() if detail_rate > 0 and rng.random() < detail_rate else inst.cls
+                rows.append(encode(t2i_caption(what, s["background"] if rng.random() < 0.85 else None,
+                                               s["size"] if rng.random() < 0.85 else None, rng.choice(TEMPLATES))))
         z_t, t, _, target = model.noisy_latents(scheduler, z0, g)
-        pred = unet(z_t, t, encoder_hidden_states=encoded[rows]).sample
+        pred = unet(z_t, t, encoder_hidden_states=torch.stack(rows)).sample
         return F.mse_loss(pred, target)
 
     train_loop("t2i", out, list(unet.parameters()), step_fn, steps, 5e-4, {"unet": unet})
@@ -835,6 +851,34 @@ def drawing_accuracy(pipe, comps, judge: Judge, n_per_class: int, steps: int = 2
     rep = {c: {f: cmdline.mean_se(v) for f, v in r.items()} for c, r in right.items()}
     rep["all"] = {f: cmdline.mean_se([x for c in CLASSES for x in right[c][f]]) for f in ("class", "background", "size")}
     return rep
+
+
+def knows_detail_words(comps) -> bool:
+    """Are the words that name an instance's details words of the text encoder (a world built
+    with --t2i-detail-rate > 0), or zeroed rows (no words)?"""
+    ids = set(comps.tokenizer(" ".join(PATTERNS + tuple(COLOURS)), add_special_tokens=False).input_ids)
+    return bool(model.word_rows(comps.token_table)[sorted(ids)].all())
+
+
+def named_instance_accuracy(pipe, comps, judge: Judge, n: int, steps: int = 25, seed: int = 0) -> dict:
+    """Does the text-to-image model draw an instance its prompt describes? n unseen instances
+    (those of the held-out renders, cycling through the classes), each drawn once from "a photo
+    of a {size} {pattern} {colour} and {colour} {class} on a {colour} background" (random
+    context); the judge reads it. -> {factor: mean_se} for class, pattern, colours (the pair),
+    background and size. Chance: pattern 1/3, colours 1/21."""
+    rng = random.Random(seed)
+    insts = eval_instances(N_CONCEPTS + N_HELDOUT + N_TEST)[N_CONCEPTS + N_HELDOUT:]
+    right = {f: [] for f in ("class", "pattern", "colours", "background", "size")}
+    for k in tqdm(range(n), desc="drawing named instances", dynamic_ncols=True):
+        inst = insts[k % len(insts)]
+        bg, obj_size = rng.choice(sorted(BACKGROUNDS)), rng.choice(list(SIZES))
+        img = sample.generate(pipe, comps, None, t2i_caption(inst.details(), bg, obj_size), num_images=1,
+                              steps=steps, seed=seed + k)[0]
+        verdict = judge.read([img])[0]
+        for f, want in (("class", inst.cls), ("pattern", inst.pattern), ("colours", {inst.colour1, inst.colour2}),
+                        ("background", bg), ("size", obj_size)):
+            right[f].append(float(verdict[f] == want))
+    return {f: cmdline.mean_se(v) for f, v in right.items()}
 
 
 def text_tower_separation(comps) -> dict:
@@ -882,6 +926,9 @@ def competence(out: str, n_per_class: int = 20, steps: int = 25, seed: int = 0, 
                               for name, m in clips.items()},
            "drawing": drawing_accuracy(pipe, comps, judge, n_per_class, steps, seed),
            "text_tower": text_tower_separation(comps)}
+    if knows_detail_words(comps):  # a world whose text-to-image captions name the instance (--t2i-detail-rate)
+        rep["drawing_named_instance"] = named_instance_accuracy(pipe, comps, judge, n_per_class * len(CLASSES), steps,
+                                                                seed)
 
     # Identity: the same instance in two contexts vs two instances of one class.
     metric = clips["clip-b"]
@@ -929,6 +976,11 @@ class Config:
     # encoder could not find the class; at 2,500 it is 0.68 and the same pre-training draws it.
     text_clip_steps: int = 2_500  # steps of clip-l (only its text tower is kept: it needs to tell words apart)
     t2i_steps: int = 4_000  # UNet steps (the text encoder is clip-l's text tower, frozen)
+    # The fraction of the text-to-image captions that also name the instance's pattern and colours
+    # (0: never, the world as described above). An experiment: the UNet of a world built without
+    # them cannot be told an instance in words (docs/miniature.md). It changes the t2i stage
+    # only: to rebuild a world's with another rate, delete OUT/t2i.ckpt and OUT/sd/model_index.json.
+    t2i_detail_rate: float = 0.0
     batch_size: int = 32  # training batch of the VAE and the text-to-image model
     clip_batch_size: int = 64  # training batch of the CLIPs (contrastive: more negatives)
     judge_steps: int = 2_000  # steps of the ground-truth judge
@@ -976,7 +1028,7 @@ def _run_stage(cfg: Config, stage: str) -> float:
         stage_clip(stage, cfg.out, cfg.text_clip_steps if stage == "clip-l" else cfg.clip_steps, cfg.clip_batch_size,
                    cfg.seed + {"clip-h": 1, "clip-b": 2, "clip-l": 4}[stage])
     elif stage == "t2i":
-        stage_t2i(cfg.out, cfg.t2i_steps, cfg.batch_size, cfg.seed)
+        stage_t2i(cfg.out, cfg.t2i_steps, cfg.batch_size, cfg.seed, cfg.t2i_detail_rate)
     else:
         rep = competence(cfg.out, cfg.competence_per_class, cfg.competence_steps, cfg.seed, cfg.competence_renders)
 
@@ -1032,6 +1084,8 @@ def main(cfg: Config):
 def parse_args(argv=None) -> Config:
     p = cmdline.config_parser(Config, __doc__.split("\n\n")[0].strip(), choices={"stage": STAGES + ("all",)})
     cfg = Config(**vars(p.parse_args(argv)))
+    if not 0 <= cfg.t2i_detail_rate <= 1:
+        p.error(f"--t2i-detail-rate must be a fraction between 0 and 1, got {cfg.t2i_detail_rate}")
     if cfg.judge_width <= 0 or cfg.judge_width % 8:
         p.error(f"--judge-width must be a positive multiple of 8 (its GroupNorm has 8 groups), got {cfg.judge_width}")
     return cfg

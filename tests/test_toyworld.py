@@ -86,6 +86,34 @@ def test_judge_width_sets_the_judges_channels(toy, tmp_path):
         toyworld.parse_args(["--judge-width", "12"])
 
 
+def test_t2i_detail_rate_makes_the_instances_words_words_and_competence_draws_them(toy, tmp_path):
+    """--t2i-detail-rate > 0: the t2i stage alone, on a copy of the micro world, keeps the words
+    that name pattern and colours as rows of the text encoder (the default world zeroes them), and
+    competence then also draws instances named in words and lets the judge read them."""
+    out, cfg, _ = toy
+    copy = str(tmp_path / "w")
+    shutil.copytree(out, copy)
+    for f in ("t2i.ckpt", "competence.json"):
+        if os.path.exists(os.path.join(copy, f)):
+            os.remove(os.path.join(copy, f))
+    toyworld.main(dataclasses.replace(cfg, out=copy, stage="t2i", t2i_detail_rate=1.0))
+    toyworld.main(dataclasses.replace(cfg, out=copy, stage="competence"))
+    tok = model.build_tokenizer()
+    for folder, knows in ((copy, True), (out, False)):
+        comps = model.load_components("toy", base=os.path.join(folder, "sd"), with_image_encoder=False)
+        assert toyworld.knows_detail_words(comps) is knows
+        words = set(model.word_rows(comps.token_table).nonzero().flatten().tolist())
+        assert words == toyworld.caption_token_ids(tok, details=knows)
+    assert toyworld.caption_token_ids(tok) < toyworld.caption_token_ids(tok, details=True)
+    named = json.load(open(os.path.join(copy, "competence.json")))["drawing_named_instance"]
+    assert set(named) == {"class", "pattern", "colours", "background", "size"}
+    assert all(v["n"] == cfg.competence_per_class * len(toyworld.CLASSES) and 0 <= v["mean"] <= 1 for v in named.values())
+    assert "drawing_named_instance" not in json.load(open(os.path.join(out, "competence.json")))
+    assert toyworld.parse_args(["--t2i-detail-rate", "0.5"]).t2i_detail_rate == 0.5
+    with pytest.raises(cmdline.UserError, match="between 0 and 1"):
+        toyworld.parse_args(["--t2i-detail-rate", "1.5"])
+
+
 def test_captions_name_class_and_context_but_never_the_instance(toy):
     inst = toyworld.make_instance(7)
     cap = toyworld.t2i_caption(inst.cls, "blue", "small")
