@@ -169,6 +169,13 @@ class DualPathAttnProcessor:
         return torch.cat([q_s, q_h]), torch.cat([k_s, k_h]), torch.cat([v_s, v_h])  # one attention call for both
 
 
+def dual_path_installed(unet) -> bool:
+    """Does every attention layer of this UNet run a DualPathAttnProcessor? (A UNet with diffusers'
+    own processors ignores the dual path's cross_attention_kwargs with only a logged warning: a
+    concept's ΔW and hard prompt would silently be left out.)"""
+    return all(isinstance(p, DualPathAttnProcessor) for p in unet.attn_processors.values())
+
+
 def install_dual_path(unet) -> list[str]:
     """Put a DualPathAttnProcessor on every attn1/attn2; return the LoRA layer names (Eq. 2)."""
     names = set(attention_layer_names(unet))

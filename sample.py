@@ -96,6 +96,8 @@ def generate(pipe, comps, concept: dict | None, prompt: str, negative_prompt: st
     if concept is None:
         return pipe(prompt=[prompt] * num_images, negative_prompt=[negative_prompt] * num_images, **common).images
 
+    if not dualpath.dual_path_installed(comps.unet):  # else ΔW and the hard path would be dropped without an error
+        dualpath.install_dual_path(comps.unet)
     te, tok = comps.text_encoder, comps.tokenizer
     C, C_h = model.encode_concept_prompts(te, tok, concept, [prompt] * num_images)  # (n, 77, D) soft and hard
     neg = model.encode_prompt(te, tok, [negative_prompt] * num_images, placeholder=concept["placeholder"])  # uncond

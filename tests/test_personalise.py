@@ -146,6 +146,30 @@ def test_same_seed_same_pixels_other_seed_or_concept_differs(tmp_path, tiny, con
     assert np.abs(a - c).max() > 1e-3 and np.abs(a - d).max() > 1e-3
 
 
+def test_generate_on_a_unet_without_the_dual_path_installs_it_instead_of_dropping_the_concepts_lora(tiny, concept, pipe):
+    """diffusers' own attention processors ignore unknown cross_attention_kwargs with a logged
+    warning only: a concept drawn through them would lose its ΔW and hard prompt silently."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    comps, names = tiny
+    kw = dict(num_images=1, steps=3, seed=2, output_type="np")
+    big = dict(concept, lora_B={k: b + 0.5 for k, b in concept["lora_B"].items()})  # ΔW that shows
+    assert dualpath.dual_path_installed(comps.unet)
+    want = sample.generate(pipe, comps, big, "a photo of S*", **kw)
+    try:
+        comps.unet.set_attn_processor(AttnProcessor())
+        assert not dualpath.dual_path_installed(comps.unet)
+        got = sample.generate(pipe, comps, big, "a photo of S*", **kw)
+        installed = dualpath.dual_path_installed(comps.unet)
+    finally:
+        dualpath.install_dual_path(comps.unet)
+    assert np.abs(got - want).max() < 1e-5
+    assert installed
+    without = sample.generate(pipe, comps, dict(big, lora_B={k: torch.zeros_like(b) for k, b in big["lora_B"].items()}),
+                              "a photo of S*", **kw)
+    assert np.abs(want - without).max() > 1e-3  # the ΔW does change the picture: the comparison can fail
+
+
 def _other_image(tmp_path):
     p = str(tmp_path / "other.png")
     data.synthetic_image(11, size=128).save(p)
