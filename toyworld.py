@@ -650,12 +650,17 @@ def stage_clip(name: str, out: str, steps: int, batch: int, seed: int):
     cmdline.atomic_write(os.path.join(folder, "open_clip_model.safetensors"), lambda tmp: save_file(weights, tmp))
 
 
+def test_instances() -> list[Instance]:
+    """The N_TEST unseen instances of the held-out renders (none a concept or a held-out picture's)."""
+    first = N_CONCEPTS + N_HELDOUT
+    return eval_instances(first + N_TEST)[first:]
+
+
 def test_scenes(n: int = 240, seed: int = 54_321):
     """Held-out renders for competence: n pictures of N_TEST unseen instances (none a concept or a
     held-out picture's instance), each in a random context. -> [(Instance, background, size, PIL image)]."""
     rng = random.Random(seed)
-    first = N_CONCEPTS + N_HELDOUT
-    insts = eval_instances(first + N_TEST)[first:]
+    insts = test_instances()
     out = []
     for k in range(n):
         inst, bg, obj_size = insts[k % len(insts)], rng.choice(sorted(BACKGROUNDS)), rng.choice(list(SIZES))
@@ -867,17 +872,16 @@ def named_instance_accuracy(pipe, comps, judge: Judge, n: int, steps: int = 25, 
     context); the judge reads it. -> {factor: mean_se} for class, pattern, colours (the pair),
     background and size. Chance: pattern 1/3, colours 1/21."""
     rng = random.Random(seed)
-    insts = eval_instances(N_CONCEPTS + N_HELDOUT + N_TEST)[N_CONCEPTS + N_HELDOUT:]
-    right = {f: [] for f in ("class", "pattern", "colours", "background", "size")}
+    insts = test_instances()
+    right = {f: [] for f in CLIP_FACTORS}
     for k in tqdm(range(n), desc="drawing named instances", dynamic_ncols=True):
         inst = insts[k % len(insts)]
         bg, obj_size = rng.choice(sorted(BACKGROUNDS)), rng.choice(list(SIZES))
         img = sample.generate(pipe, comps, None, t2i_caption(inst.details(), bg, obj_size), num_images=1,
                               steps=steps, seed=seed + k)[0]
         verdict = judge.read([img])[0]
-        for f, want in (("class", inst.cls), ("pattern", inst.pattern), ("colours", {inst.colour1, inst.colour2}),
-                        ("background", bg), ("size", obj_size)):
-            right[f].append(float(verdict[f] == want))
+        for f in CLIP_FACTORS:
+            right[f].append(float(verdict[f] == truth(inst, bg, obj_size, f)))
     return {f: cmdline.mean_se(v) for f, v in right.items()}
 
 
