@@ -341,12 +341,35 @@ def class_split_gaps(comps, concepts: list, alphas: list[float], val: dict, cach
         return {}
     matched = concept_losses(comps, concepts, alphas, val, list(range(len(nouns))), cache)
     rec = {}
-    for kind, partners in class_partners(nouns).items():
+    partners_of = class_partners(nouns)
+    for kind, partners in partners_of.items():
         swapped = concept_losses(comps, concepts, alphas, val, partners, cache)
         diffs = [s - m for s, m in zip(swapped, matched) if s is not None]
         if diffs:
             gap = cmdline.mean_se(diffs)
             rec.update({f"gap_{kind}": gap["mean"], f"gap_{kind}_se": gap["se"], f"n_{kind}": len(diffs)})
+    if "gap_same_class" in rec and any(lora for _, lora in concepts):
+        rec.update(same_class_part_gaps(comps, concepts, alphas, val, partners_of["same_class"], matched))
+    return rec
+
+
+def same_class_part_gaps(comps, concepts: list, alphas: list[float], val: dict, twins: list, matched: list) -> dict:
+    """Where does a concept's instance live: in the word v* or in the weights Delta W? The
+    same-class gap again, with only the twin's v* swapped in (image i keeps its own Delta W), and
+    with only the twin's Delta W (i keeps its own v*). A v*-only gap near 0 beside a large Delta
+    W-only gap says the encoder tells two instances of a class apart only through the hypernetwork;
+    the test that matters is then whether that Delta W also changes what is drawn from noise (in
+    the toy world it did not: its instance lowered Eq. (1) on the photo yet was not drawn).
+    Keys gap_same_class_{v,dw}_only (+ _se)."""
+    rec = {}
+    for part in ("v", "dw"):
+        mixed = [None if j is None else
+                 ((concepts[j][0], concepts[i][1]) if part == "v" else (concepts[i][0], concepts[j][1]))
+                 for i, j in enumerate(twins)]
+        idx = [None if m is None else i for i, m in enumerate(mixed)]
+        losses_ = concept_losses(comps, [m or concepts[i] for i, m in enumerate(mixed)], alphas, val, idx)
+        gap = cmdline.mean_se([s - m for s, m in zip(losses_, matched) if s is not None])
+        rec.update({f"gap_same_class_{part}_only": gap["mean"], f"gap_same_class_{part}_only_se": gap["se"]})
     return rec
 
 
@@ -589,8 +612,11 @@ class RunLog:
                         "images_per_s": round(self.images_per_s, 3), "peak_gb": round(peak, 3)})
 
     def validation(self, rec: dict):
-        split = "".join(f"{kind.replace('_', ' ')} {rec[f'gap_{kind}']:+.5f} ± {rec[f'gap_{kind}_se']:.5f}, "
-                        for kind in ("other_class", "same_class") if f"gap_{kind}" in rec)
+        gap = lambda kind: f"{rec[f'gap_{kind}']:+.5f} ± {rec[f'gap_{kind}_se']:.5f}"
+        split = "".join(f"{kind.replace('_', ' ')} {gap(kind)}, " for kind in ("other_class", "same_class")
+                        if f"gap_{kind}" in rec)
+        if "gap_same_class_v_only" in rec:  # same_class_part_gaps: the twin's v* alone, its dW alone
+            split += f"(twin's v* only {gap('same_class_v_only')}, dW only {gap('same_class_dw_only')}), "
         self.bar.write(f"step {rec['step']}: val [{rec['images']}] gap (swapped - matched) "
                        f"{rec['gap']:+.5f} ± {rec['gap_se']:.5f}, {split}"
                        f"matched {rec['matched']:.5f}, |v*| {rec['v_norm']:.3f}, |dW| {rec['delta_w_norm']:.3f}, "

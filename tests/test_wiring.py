@@ -423,6 +423,36 @@ def test_validation_gap_splits_by_class_noun_and_a_class_only_encoder_has_no_sam
     assert swapped[1] == matched[1] and gap["mean"] == pytest.approx((swapped[0] - matched[0] + swapped[2] - matched[2]) / 3)
     val["nouns"] = dict.fromkeys(val["files"], "object")  # one noun: nothing to split
     assert pretrain.class_split_gaps(comps, concepts, alphas, val, cache) == {}
+
+
+def test_same_class_gap_is_split_into_the_twins_word_and_the_twins_weights(tiny, tmp_path):
+    """Two dogs with one v* and different Delta W: swapping in the twin's v* alone costs exactly
+    nothing, its Delta W alone costs the whole same-class gap; and the other way round."""
+    comps, names = tiny
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for i, f in enumerate(["cat_1.png", "dog_1.png", "dog_2.png"]):
+        data.synthetic_image(i, size=64).save(folder / f)
+    cfg = pretrain.Config(preset="tiny", data="synthetic", val_images=str(folder), val_views=2)
+    val = pretrain.load_validation_set(cfg, comps)
+    g = torch.Generator().manual_seed(1)
+    shapes = model.lora_shapes(comps.unet, names)
+    word = lambda: comps.token_table[2000:2001] + 0.3 * torch.randn(1, comps.token_table.shape[1], generator=g)
+    weights = lambda: {n: (torch.randn(1, din, 2, generator=g), 0.3 * torch.randn(1, 2, dout, generator=g))
+                       for n, (din, dout) in zip(names, shapes)}
+    cat, v, w = (word(), weights()), word(), weights()
+    cases = [([(v, w), (v, weights())], "v"),  # one word, two weight sets: the word says nothing
+             ([(v, w), (word(), w)], "dw")]  # one weight set, two words: the weights say nothing
+    for dogs, zero_part in cases:
+        concepts, alphas = [cat, *dogs], [0.3] * 3
+        rec = pretrain.class_split_gaps(comps, concepts, alphas, val, {})
+        other = "dw" if zero_part == "v" else "v"
+        assert rec[f"gap_same_class_{zero_part}_only"] == 0 and rec[f"gap_same_class_{zero_part}_only_se"] == 0
+        assert abs(rec["gap_same_class"]) > 1e-7
+        assert rec[f"gap_same_class_{other}_only"] == pytest.approx(rec["gap_same_class"], rel=1e-5, abs=1e-9)
+    # No Delta W at all (a --no-hypernet encoder): nothing to split.
+    rec = pretrain.class_split_gaps(comps, [(cat[0], {}), (v, {}), (word(), {})], [0.3] * 3, val, {})
+    assert "gap_same_class" in rec and "gap_same_class_v_only" not in rec
     assert pretrain.class_partners(["a", "a", "b", "b", "c"]) == {"other_class": [2, 2, 4, 4, 0],
                                                                    "same_class": [1, 0, 3, 2, None]}
 
