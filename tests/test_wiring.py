@@ -391,16 +391,21 @@ def test_validation_gap_is_exactly_zero_for_an_image_blind_encoder_and_not_other
     assert sorted(os.listdir(tmp_path / "o" / "val")) == ["step_0000001.png", "step_0000002.png"]
 
 
-def test_validation_gap_splits_by_class_noun_and_a_class_only_encoder_has_no_same_class_gap(tiny, tmp_path):
-    """Swapped with the next image of another class, and with the next of the same class: two
-    dogs that get one shared concept (a class, not an instance) have a same-class gap of exactly 0."""
-    comps, names = tiny
+def cat_dog_dog_validation_set(comps, tmp_path) -> dict:
+    """pretrain's validation set of three synthetic pictures named cat_1, dog_1, dog_2 (2 views each)."""
     folder = tmp_path / "val"
     folder.mkdir()
     for i, f in enumerate(["cat_1.png", "dog_1.png", "dog_2.png"]):
         data.synthetic_image(i, size=64).save(folder / f)
     cfg = pretrain.Config(preset="tiny", data="synthetic", val_images=str(folder), val_views=2)
-    val = pretrain.load_validation_set(cfg, comps)
+    return pretrain.load_validation_set(cfg, comps)
+
+
+def test_validation_gap_splits_by_class_noun_and_a_class_only_encoder_has_no_same_class_gap(tiny, tmp_path):
+    """Swapped with the next image of another class, and with the next of the same class: two
+    dogs that get one shared concept (a class, not an instance) have a same-class gap of exactly 0."""
+    comps, names = tiny
+    val = cat_dog_dog_validation_set(comps, tmp_path)
     assert [val["nouns"][f] for f in val["files"]] == ["cat", "dog", "dog"]
     g = torch.Generator().manual_seed(0)
 
@@ -429,12 +434,7 @@ def test_same_class_gap_is_split_into_the_twins_word_and_the_twins_weights(tiny,
     """Two dogs with one v* and different Delta W: swapping in the twin's v* alone costs exactly
     nothing, its Delta W alone costs the whole same-class gap; and the other way round."""
     comps, names = tiny
-    folder = tmp_path / "val"
-    folder.mkdir()
-    for i, f in enumerate(["cat_1.png", "dog_1.png", "dog_2.png"]):
-        data.synthetic_image(i, size=64).save(folder / f)
-    cfg = pretrain.Config(preset="tiny", data="synthetic", val_images=str(folder), val_views=2)
-    val = pretrain.load_validation_set(cfg, comps)
+    val = cat_dog_dog_validation_set(comps, tmp_path)
     g = torch.Generator().manual_seed(1)
     shapes = model.lora_shapes(comps.unet, names)
     word = lambda: comps.token_table[2000:2001] + 0.3 * torch.randn(1, comps.token_table.shape[1], generator=g)
