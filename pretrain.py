@@ -361,14 +361,13 @@ def same_class_part_gaps(comps, concepts: list, alphas: list[float], val: dict, 
     the test that matters is then whether that Delta W also changes what is drawn from noise (in
     the toy world it did not: its instance lowered Eq. (1) on the photo yet was not drawn).
     Keys gap_same_class_{v,dw}_only (+ _se)."""
+    swaps = {"v": lambda own, twin: (twin[0], own[1]), "dw": lambda own, twin: (own[0], twin[1])}
+    has_twin = [None if j is None else i for i, j in enumerate(twins)]  # image i meets its own mixed concept
     rec = {}
-    for part in ("v", "dw"):
-        mixed = [None if j is None else
-                 ((concepts[j][0], concepts[i][1]) if part == "v" else (concepts[i][0], concepts[j][1]))
-                 for i, j in enumerate(twins)]
-        idx = [None if m is None else i for i, m in enumerate(mixed)]
-        losses_ = concept_losses(comps, [m or concepts[i] for i, m in enumerate(mixed)], alphas, val, idx)
-        gap = cmdline.mean_se([s - m for s, m in zip(losses_, matched) if s is not None])
+    for part, swap in swaps.items():
+        mixed = [concepts[i] if j is None else swap(concepts[i], concepts[j]) for i, j in enumerate(twins)]
+        swapped = concept_losses(comps, mixed, alphas, val, has_twin)
+        gap = cmdline.mean_se([s - m for s, m in zip(swapped, matched) if s is not None])
         rec.update({f"gap_same_class_{part}_only": gap["mean"], f"gap_same_class_{part}_only_se": gap["se"]})
     return rec
 
