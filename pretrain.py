@@ -64,6 +64,7 @@ class Config:
     alpha_blend: float = 0.25  # Eq. (5) alpha during pre-training (as in tuning, Sec. 5.1)
     embedding_reg: str = "contrastive"  # Sec. 5.2: contrastive = Eq. 3 + 4, nearest-cosine (+ Eq. 4), l2 = Eq. 4, none
     hypernet: bool = True  # --no-hypernet: token head only, no predicted LoRA (Sec. 5.4 ablation)
+    encoder_timestep: int | None = None  # encoder's UNet input: default the z_t Eq. (1) scores (E4T); T: z0 at t=T
     # Loss weights and Eq. (3) settings. The paper gives no values; these are ours.
     lambda_contrastive: float = 0.01  # Eq. (3)
     contrastive_from: int = 0  # Eq. (3) joins at this step; before it Eq. (4) alone (0: from the start)
@@ -106,6 +107,8 @@ def check_config(cfg: Config):
     for folder in val_folders(cfg):
         if not os.path.isdir(folder):
             raise cmdline.UserError(f"--val-images: no such folder: {folder}")
+    if cfg.encoder_timestep is not None and not 0 <= cfg.encoder_timestep < 1000:
+        raise cmdline.UserError(f"--encoder-timestep must be in [0, 1000), got {cfg.encoder_timestep}")
     if cfg.contrastive_from < 0:
         raise cmdline.UserError(f"--contrastive-from must be >= 0, got {cfg.contrastive_from}")
     if cfg.val_every <= 0 or cfg.val_views <= 0:
@@ -205,8 +208,12 @@ def pretrain_losses(cfg: Config, comps, encoder, batch, seed: int, world: int = 
     images, clip_images = batch["vae"].to(device), batch["clip"].to(device)
     z0 = model.vae_latents(comps.vae, images, g).float()  # (N, 4, R/8, R/8)
     z_t, t, _, target = model.noisy_latents(comps.noise_scheduler, z0, g)
+    z_enc, t_enc = z_t, t  # E4T: the encoder sees the very noisy latent that Eq. (1) scores
+    if cfg.encoder_timestep is not None:  # or, as tune.py's one forward: z0 at a fixed t, noise of its own
+        t_enc = torch.full_like(t, cfg.encoder_timestep)
+        z_enc, _, _, _ = model.noisy_latents(comps.noise_scheduler, z0, g, t=t_enc)
     with model.autocast(device):  # E(I_c, z_t, t): both backbones, then the trainable part
-        v, lora = model.encode(encoder, comps, clip_images, z_t, t)  # (N, D), {name: (A, B)}
+        v, lora = model.encode(encoder, comps, clip_images, z_enc, t_enc)  # (N, D), {name: (A, B)}
     prompts = data_lib.make_prompts(len(v), random.Random(seed))
     pred = model.dual_path_prediction(comps, z_t, t, prompts, v, lora, cfg.alpha_blend)  # Eq. (5)
 

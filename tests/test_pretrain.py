@@ -273,3 +273,29 @@ def test_contrastive_from_leaves_eq3_out_until_its_step_in_the_training_loop(tmp
     logged = [r for r in _log(cfg) if "step" in r and "loss" in r]
     assert [("contrastive" in r) for r in logged] == [False, False, True, True], logged
     assert pretrain.cli(["--data", "synthetic", "--preset", "tiny", "--contrastive-from", "-1"]) == 2
+
+
+def test_encoder_timestep_feeds_the_encoder_its_own_noisy_latent_and_leaves_eq1_alone(tmp_path, tiny, monkeypatch):
+    # Default (E4T): the encoder's UNet branch sees the very z_t and t that Eq. (1) scores.
+    # --encoder-timestep T: it sees z0 noised to T with noise of its own; Eq. (1)'s z_t, t unchanged.
+    comps, names = tiny
+    batch = torch.utils.data.default_collate([data.ConceptImages("synthetic", None, comps.cfg.resolution, comps.cfg.clip_size)[i]
+                                              for i in range(3)])
+    seen = {}
+    encode, predict = model.encode, model.dual_path_prediction
+    monkeypatch.setattr(model, "encode", lambda enc, c, clip, z, t: seen.update(enc=(z, t)) or encode(enc, c, clip, z, t))
+    monkeypatch.setattr(model, "dual_path_prediction",
+                        lambda c, z, t, *a: seen.update(unet=(z, t)) or predict(c, z, t, *a))
+    torch.manual_seed(0)
+    enc = model.build_encoder(comps, names)
+    runs = {}
+    for T in (None, 500):
+        with torch.no_grad():
+            pretrain.pretrain_losses(_cfg(tmp_path, encoder_timestep=T), comps, enc, batch, seed=7)
+        runs[T] = dict(seen)
+    z, t = runs[None]["unet"]
+    assert torch.equal(runs[None]["enc"][0], z) and torch.equal(runs[None]["enc"][1], t)
+    assert torch.equal(runs[500]["unet"][0], z) and torch.equal(runs[500]["unet"][1], t)  # Eq. (1) untouched
+    z_enc, t_enc = runs[500]["enc"]
+    assert t_enc.tolist() == [500] * 3 and not torch.allclose(z_enc, z)
+    assert pretrain.cli(["--data", "synthetic", "--preset", "tiny", "--encoder-timestep", "1000"]) == 2
