@@ -283,10 +283,14 @@ def cached_concept(path: str, settings: dict) -> dict | None:
 
 
 def image_key(concept: dict, prompt: str, cfg: Config) -> str:
-    """Short hash of what fixes the generated pixels: the concept, the prompt and the sampler."""
+    """Short hash of what fixes the generated pixels: the concept (v*, its hard token, every LoRA
+    weight, alpha and the LoRA scale), the prompt and the sampler."""
     h = hashlib.sha1()
     h.update(concept["v_star"].numpy().tobytes())
-    h.update(repr((concept.get("final_loss"), prompt, cfg.steps, cfg.guidance, cfg.seed)).encode())
+    for name in sorted(concept["lora_A"]):
+        h.update(name.encode() + concept["lora_A"][name].numpy().tobytes() + concept["lora_B"][name].numpy().tobytes())
+    h.update(repr((concept["token_id"], concept["alpha_blend"], concept["lora_scale"], concept.get("final_loss"),
+                   prompt, cfg.steps, cfg.guidance, cfg.seed)).encode())
     return h.hexdigest()[:8]
 
 
@@ -420,7 +424,19 @@ def v_star_summary(concepts: dict, v: torch.Tensor) -> dict:
     return {"hard_tokens": dict(tokens),
             "noun_in_3_nearest": cmdline.mean_se([float(c["noun"] in [w for w, _ in c["nearest_words"][:3]])
                                                   for c in concepts.values()]),
-            "v_pairwise_cos": model.mean_pairwise_cosine(v)}
+            "v_pairwise_cos": model.mean_pairwise_cosine(v),
+            **tuning_drift(concepts)}
+
+
+def tuning_drift(concepts: dict) -> dict:
+    """How far DATE's tuning moved v* from the encoder's v0 (mean ||v* - v0|| / ||v0||) and for how
+    many concepts it changed the hard token (v*'s nearest word, drawn by the dual path's original
+    branch); {} for variants that do not tune from an encoder (0 steps, the baselines)."""
+    tuned = [c for c in concepts.values() if c.get("start_token") is not None and c.get("v_shift")]
+    if not tuned:
+        return {}
+    return {"v_shift": cmdline.mean_se([c["v_shift"] for c in tuned]),
+            "token_changed": sum(c["start_token"] != c["token"] for c in tuned), "n_tuned": len(tuned)}
 
 
 def _pm(s: dict, digits: int = 4) -> str:
@@ -442,13 +458,17 @@ def markdown_table(summary: dict, n_concepts: int, n_prompts: int, num_images: i
                      + "".join(f" {_pm(s['judge'][f], 2) if f in s.get('judge', {}) else '-'} |" for f in judged))
     lines += ["", "What v* reads as (Sec. 4.2): each concept's hard token (v*'s nearest word), how many concepts "
               "have their class noun among v*'s three nearest words, and the mean cosine between the v* of two "
-              "concepts (near 1: one v* for every photo, Sec. 5.2's mode collapse).", "",
-              "| variant | hard tokens | class noun among 3 nearest | v* pairwise cosine |", "|---|---|---|---|"]
+              "concepts (near 1: one v* for every photo, Sec. 5.2's mode collapse); for the variants that tune "
+              "from the encoder, how far tuning moved v* (||v* - v0|| / ||v0||) and for how many concepts it "
+              "changed the hard token.", "",
+              "| variant | hard tokens | class noun among 3 nearest | v* pairwise cosine | tuning moved v* | "
+              "hard token changed by tuning |", "|---|---|---|---|---|---|"]
     for name, s in summary.items():
         cos = "-" if s["v_pairwise_cos"] is None else f"{s['v_pairwise_cos']:.3f}"
         nn3 = s["noun_in_3_nearest"]
+        drift = (f"{_pm(s['v_shift'], 2)} | {s['token_changed']} / {s['n_tuned']}" if "v_shift" in s else "- | -")
         lines.append(f"| {name} | {', '.join(f'{w} ×{c}' for w, c in s['hard_tokens'].items())} | "
-                     f"{round(nn3['mean'] * nn3['n'])} / {nn3['n']} | {cos} |")
+                     f"{round(nn3['mean'] * nn3['n'])} / {nn3['n']} | {cos} | {drift} |")
     if prompts:
         lines += ["", "Prompts (the columns of grid.png):", ""] + [f"{j + 1}. {p}" for j, p in enumerate(prompts)]
     return "\n".join(lines) + "\n"
@@ -541,6 +561,8 @@ def run_variants(cfg: Config, variants, files, prompts, nouns, images, comps, en
                 "noun": nouns[f], "token": concept["token"], "prompts": per_prompt,
                 "nearest_words": concept.get("nearest_words") or [[concept["token"], None]],
                 "tune_s": concept["tuning"]["seconds"],
+                "start_token": concept["tuning"].get("start_token"),  # DATE variants that tune: v0's nearest word
+                "v_shift": concept["tuning"].get("v_shift"),  # ||v* - v0|| / ||v0||
                 "identity": sum(r["identity"] for r in per_prompt.values()) / len(per_prompt),
                 "prompt": sum(r["prompt"] for r in per_prompt.values()) / len(per_prompt)}
     return results, reused, {k: torch.stack(v) for k, v in v_stars.items()}

@@ -248,11 +248,15 @@ def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = Fa
                                             placeholder=cfg.placeholder, log=log, on_step=on_step) if cfg.steps \
         else (v0, lora0, [], 0.0)
 
-    # 4) The concept file's content.
+    # 4) The concept file's content, with how far tuning moved v* and whether that changed its hard
+    #    token: at alpha = 0.25 the hard path (75 % of each attention output) draws the class, so a
+    #    tuned v* whose nearest word is no longer the class noun can lose the class (README).
     total_s = time.perf_counter() - t0
     tuning = {"method": "date", "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed,
               "lambda_anchor": cfg.lambda_anchor, "hypernet": cfg.hypernet and trained_hypernet, "encoder": cfg.encoder,
-              "image": os.path.basename(cfg.image) if cfg.image else "", "seconds": total_s}
+              "image": os.path.basename(cfg.image) if cfg.image else "", "seconds": total_s,
+              "start_token": model.nearest_words(comps.tokenizer, comps.token_table, v0, k=1)[0][0][0],
+              "v_shift": ((v.float() - v0).norm() / v0.norm().clamp_min(1e-12)).item()}
     concept = model.make_concept(comps, v, lora, cfg.placeholder, cfg.alpha_blend, tuning, step_losses)
     stats = {"encoder_s": encoder_s, "tune_loop_s": loop_s, "total_s": total_s, "losses": step_losses}
     return concept, stats
@@ -333,6 +337,11 @@ def main(cfg: Config):
     print(f"wrote {cfg.out} ({os.path.getsize(cfg.out) / 1e6:.2f} MB): {cfg.steps} steps, loss {first} -> {last}, "
           f"nearest token {concept['token']!r}, {total_s:.2f} s, peak {peak:.2f} GB ({cmdline.device_name(device)})")
     print("v* reads as: " + ", ".join(f"{w} {c:.3f}" for w, c in concept["nearest_words"]))  # Sec. 4.2
+    if cfg.steps:
+        tuned = concept["tuning"]
+        changed = tuned["start_token"] != concept["token"]
+        print(f"tuning moved v* by {100 * tuned['v_shift']:.0f} % of its norm; hard token "
+              f"{tuned['start_token']!r} -> {concept['token']!r}" + (" (changed)" if changed else ""))
     if cfg.benchmark:
         print(json.dumps({"what": "tune", "preset": preset, "device": cmdline.device_name(device), "steps": cfg.steps,
                           "batch_size": cfg.batch_size, "encoder_s": round(stats["encoder_s"], 4),

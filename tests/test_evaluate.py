@@ -155,3 +155,20 @@ def test_jobs_below_one_is_one_line(tmp_path, capsys):
     assert evaluate.cli(args) == 2
     assert "--jobs must be positive" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_image_key_changes_with_anything_that_changes_the_pixels():
+    # A cached picture is reused only for the same concept: v*, its hard token (the dual path's
+    # original branch draws it), every LoRA weight, alpha, the LoRA scale, the prompt, the sampler.
+    g = torch.Generator().manual_seed(0)
+    c = {"v_star": torch.randn(8, generator=g), "token_id": 5, "alpha_blend": 0.25, "lora_scale": 1.0,
+         "final_loss": 0.1, "lora_A": {"a": torch.randn(8, 2, generator=g), "b": torch.randn(8, 2, generator=g)},
+         "lora_B": {"a": torch.randn(2, 8, generator=g), "b": torch.randn(2, 8, generator=g)}}
+    cfg = evaluate.Config()
+    key = evaluate.image_key(c, "a photo of S*", cfg)
+    copy = {**c, "lora_A": {k: t.clone() for k, t in c["lora_A"].items()}}
+    assert evaluate.image_key(copy, "a photo of S*", cfg) == key
+    changed_b = {**c, "lora_B": {**c["lora_B"], "b": c["lora_B"]["b"] + 1e-3}}
+    for other in ({**c, "token_id": 6}, changed_b, {**c, "alpha_blend": 1.0}, {**c, "lora_scale": 0.5}):
+        assert evaluate.image_key(other, "a photo of S*", cfg) != key
+    assert evaluate.image_key(c, "a photo of S* on a red background", cfg) != key

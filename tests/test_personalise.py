@@ -67,6 +67,10 @@ def test_twelve_tuning_steps_lower_the_denoising_loss_on_a_held_out_batch(tiny):
     assert after < before * 0.993, (before, after)
     assert len(stats["losses"]) == 12
     assert not torch.equal(raw["v_star"], tuned["v_star"])
+    # The concept records where tuning started (the raw prediction's hard token) and how far v* went.
+    assert tuned["tuning"]["start_token"] == raw["token"]
+    shift = ((tuned["v_star"] - raw["v_star"]).norm() / raw["v_star"].norm()).item()
+    assert tuned["tuning"]["v_shift"] == pytest.approx(shift, rel=1e-5) and shift > 0
 
 
 def test_steps_zero_writes_the_raw_encoder_prediction(tiny):
@@ -212,7 +216,10 @@ def test_tune_cli_benchmark_json_and_concept(tmp_path, capsys):
     comps = model.load_components("tiny")
     want = model.nearest_words(comps.tokenizer, comps.token_table, concept["v_star"][None], k=5)[0]
     assert [tuple(w) for w in concept["nearest_words"]] == want and want[0][0] == concept["token"]
-    assert lines[-2] == "v* reads as: " + ", ".join(f"{w} {c:.3f}" for w, c in want)
+    assert lines[-3] == "v* reads as: " + ", ".join(f"{w} {c:.3f}" for w, c in want)
+    tuned = concept["tuning"]
+    assert lines[-2].startswith(f"tuning moved v* by {100 * tuned['v_shift']:.0f} % of its norm; hard token "
+                                f"{tuned['start_token']!r} -> {concept['token']!r}")
 
 
 def test_tune_reads_the_preset_from_a_pretrain_checkpoint(tmp_path):

@@ -420,3 +420,8 @@ def test_evaluate_scores_each_variant_with_the_judge(toy, tmp_path):
     assert sum(s["hard_tokens"].values()) == 2 and s["noun_in_3_nearest"]["n"] == 2 and -1 <= s["v_pairwise_cos"] <= 1
     table = open(tmp_path / "eval" / "metrics.md").read()
     assert "judge: class" in table and "hard tokens" in table
+    # full tunes from the encoder: how far v* moved and how many hard tokens tuning changed.
+    per = rep["variants"]["full"].values()
+    assert s["n_tuned"] == 2 and s["token_changed"] == sum(c["start_token"] != c["token"] for c in per)
+    assert s["v_shift"]["mean"] == pytest.approx(sum(c["v_shift"] for c in per) / 2) and s["v_shift"]["mean"] > 0
+    assert "hard token changed by tuning" in table
