@@ -431,7 +431,8 @@ def v_star_summary(concepts: dict, v: torch.Tensor) -> dict:
 def tuning_drift(concepts: dict) -> dict:
     """How far DATE's tuning moved v* from the encoder's v0 (mean ||v* - v0|| / ||v0||) and for how
     many concepts it changed the hard token (v*'s nearest word, drawn by the dual path's original
-    branch); {} for variants that do not tune from an encoder (0 steps, the baselines)."""
+    branch); {} for variants that do not tune from an encoder (the baselines have no start_token;
+    0 steps leave v_shift at 0)."""
     tuned = [c for c in concepts.values() if c.get("start_token") is not None and c.get("v_shift")]
     if not tuned:
         return {}
