@@ -428,12 +428,18 @@ def v_star_summary(concepts: dict, v: torch.Tensor) -> dict:
             **tuning_drift(concepts)}
 
 
+def tuning_record(tuning: dict) -> dict:
+    """From a concept's tuning settings: v0's hard token and ||v* - v0|| / ||v0|| where DATE tuned
+    from an encoder's prediction (steps > 0), else None for both (0 steps, the baselines)."""
+    tuned = tuning.get("start_token") is not None and tuning.get("steps", 0) > 0
+    return {"start_token": tuning["start_token"] if tuned else None, "v_shift": tuning["v_shift"] if tuned else None}
+
+
 def tuning_drift(concepts: dict) -> dict:
     """How far DATE's tuning moved v* from the encoder's v0 (mean ||v* - v0|| / ||v0||) and for how
     many concepts it changed the hard token (v*'s nearest word, drawn by the dual path's original
-    branch); {} for variants that do not tune from an encoder (the baselines have no start_token;
-    0 steps leave v_shift at 0)."""
-    tuned = [c for c in concepts.values() if c.get("start_token") is not None and c.get("v_shift")]
+    branch); {} for variants that do not tune from an encoder (tuning_record)."""
+    tuned = [c for c in concepts.values() if c.get("start_token") is not None]
     if not tuned:
         return {}
     return {"v_shift": cmdline.mean_se([c["v_shift"] for c in tuned]),
@@ -562,8 +568,7 @@ def run_variants(cfg: Config, variants, files, prompts, nouns, images, comps, en
                 "noun": nouns[f], "token": concept["token"], "prompts": per_prompt,
                 "nearest_words": concept.get("nearest_words") or [[concept["token"], None]],
                 "tune_s": concept["tuning"]["seconds"],
-                "start_token": concept["tuning"].get("start_token"),  # DATE variants that tune: v0's nearest word
-                "v_shift": concept["tuning"].get("v_shift"),  # ||v* - v0|| / ||v0||
+                **tuning_record(concept["tuning"]),
                 "identity": sum(r["identity"] for r in per_prompt.values()) / len(per_prompt),
                 "prompt": sum(r["prompt"] for r in per_prompt.values()) / len(per_prompt)}
     return results, reused, {k: torch.stack(v) for k, v in v_stars.items()}

@@ -428,6 +428,8 @@ def test_validation_gap_splits_by_class_noun_and_a_class_only_encoder_has_no_sam
     assert swapped[1] == matched[1] and gap["mean"] == pytest.approx((swapped[0] - matched[0] + swapped[2] - matched[2]) / 3)
     val["nouns"] = dict.fromkeys(val["files"], "object")  # one noun: nothing to split
     assert pretrain.class_split_gaps(comps, concepts, alphas, val, cache) == {}
+    assert pretrain.class_partners(["a", "a", "b", "b", "c"]) == {"other_class": [2, 2, 4, 4, 0],
+                                                                   "same_class": [1, 0, 3, 2, None]}
 
 
 def test_same_class_gap_is_split_into_the_twins_word_and_the_twins_weights(tiny, tmp_path):
@@ -453,8 +455,6 @@ def test_same_class_gap_is_split_into_the_twins_word_and_the_twins_weights(tiny,
     # No Delta W at all (a --no-hypernet encoder): nothing to split.
     rec = pretrain.class_split_gaps(comps, [(cat[0], {}), (v, {}), (word(), {})], [0.3] * 3, val, {})
     assert "gap_same_class" in rec and "gap_same_class_v_only" not in rec
-    assert pretrain.class_partners(["a", "a", "b", "b", "c"]) == {"other_class": [2, 2, 4, 4, 0],
-                                                                   "same_class": [1, 0, 3, 2, None]}
 
 
 def test_val_concepts_measures_saved_concept_files_with_the_same_signal(tiny, tmp_path, capsys):
