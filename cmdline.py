@@ -93,6 +93,13 @@ def check_output(path: str, kind: str, flag: str = "--out"):
         raise UserError(f"{flag} {path}: cannot write in {probe} ({e.strerror or e.__class__.__name__})") from None
 
 
+def check_encoder_timestep(t: int):
+    """--encoder-timestep (pretrain.py, tune.py): a DDPM timestep of the 1,000-step schedule both
+    presets' schedulers use (SD 1.5's and the toy's). Raises UserError."""
+    if not 0 <= t < 1000:
+        raise UserError(f"--encoder-timestep must be in [0, 1000), got {t}")
+
+
 def resolve_device(name: str | None) -> torch.device:
     """--device: None -> cuda if available, else cpu; a CUDA device that is not there is a UserError."""
     if name is None:

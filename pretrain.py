@@ -107,8 +107,8 @@ def check_config(cfg: Config):
     for folder in val_folders(cfg):
         if not os.path.isdir(folder):
             raise cmdline.UserError(f"--val-images: no such folder: {folder}")
-    if cfg.encoder_timestep is not None and not 0 <= cfg.encoder_timestep < 1000:
-        raise cmdline.UserError(f"--encoder-timestep must be in [0, 1000), got {cfg.encoder_timestep}")
+    if cfg.encoder_timestep is not None:
+        cmdline.check_encoder_timestep(cfg.encoder_timestep)
     if cfg.contrastive_from < 0:
         raise cmdline.UserError(f"--contrastive-from must be >= 0, got {cfg.contrastive_from}")
     if cfg.val_every <= 0 or cfg.val_views <= 0:

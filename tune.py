@@ -76,8 +76,7 @@ def check_config(cfg: Config):
         raise UserError("--placeholder must not be empty")
     if not (cfg.lr > 0 and cfg.lambda_anchor >= 0):
         raise UserError(f"--lr must be positive and --lambda-anchor >= 0, got {cfg.lr} and {cfg.lambda_anchor}")
-    if not 0 <= cfg.encoder_timestep < 1000:
-        raise UserError(f"--encoder-timestep must be in [0, 1000), got {cfg.encoder_timestep}")
+    cmdline.check_encoder_timestep(cfg.encoder_timestep)
 
 
 def load_encoder_checkpoint(cfg: Config, prog: str = "tune.py"):

@@ -65,10 +65,16 @@ def test_end_to_end_writes_metrics_table_plot_and_reuses_the_cache(tmp_path, mon
     fed = []
     orig = evaluate.ClipMetric.text_features
     monkeypatch.setattr(evaluate.ClipMetric, "text_features", lambda self, t: (fed.extend(t), orig(self, t))[1])
+    seeds, generate = [], evaluate.sample.generate
+    monkeypatch.setattr(evaluate.sample, "generate", lambda *a, **kw: (seeds.append((a[3], kw["seed"])), generate(*a, **kw))[1])
     args = ["--images", str(imgs), "--prompts", str(prompts), "--preset", "tiny", "--encoder", "random",
             "--variants", "full,no_dual_path", "--num-images", "1", "--steps", "3", "--tune-steps", "1",
             "--batch-size", "2", "--out", str(out), "--device", "cpu"]
     assert evaluate.cli(args) == 0
+    # Each concept draws each prompt from its own seed; both variants of a concept from the same.
+    want = {(p, evaluate.drawing_seed(evaluate.Config(), f, j)) for f in ("dog_01.png", "teapot_02.png")
+            for j, p in enumerate(["a photo of S* on the beach", "an oil painting of S*"])}
+    assert sorted(seeds) == sorted(list(want) * 2) and len({s for _, s in want}) == 4
     assert sorted(fed) == sorted(["a photo of dog on the beach", "an oil painting of dog",
                                   "a photo of teapot on the beach", "an oil painting of teapot"] * 2)
     rep = json.loads((out / "metrics.json").read_text())
@@ -172,3 +178,20 @@ def test_image_key_changes_with_anything_that_changes_the_pixels():
     for other in ({**c, "token_id": 6}, changed_b, {**c, "alpha_blend": 1.0}, {**c, "lora_scale": 0.5}):
         assert evaluate.image_key(other, "a photo of S*", cfg) != key
     assert evaluate.image_key(c, "a photo of S* on a red background", cfg) != key
+
+
+def test_each_concept_draws_with_noises_of_its_own_and_every_variant_with_the_same():
+    # The variants of one concept are paired (same seed); two concepts, or two prompts, are not:
+    # otherwise a table of 12 concepts holds the noises of one, and what the noise decides (the
+    # toy's background and colours) is measured on a handful of draws.
+    cfg = evaluate.Config(seed=3)
+    files = [f"{c}_{k:02d}.png" for c in ("cross", "heart", "ring") for k in range(4)]
+    seeds = {(f, j): evaluate.drawing_seed(cfg, f, j) for f in files for j in range(4)}
+    assert len(set(seeds.values())) == len(seeds)  # 48 distinct
+    assert all(abs(a - b) >= 1000 for a in seeds.values() for b in seeds.values() if a != b)  # image k = seed + k
+    assert evaluate.drawing_seed(cfg, "some/dir/cross_00.png", 1) == seeds[("cross_00.png", 1)]  # by file name
+    assert evaluate.drawing_seed(evaluate.Config(seed=4), "cross_00.png", 1) == seeds[("cross_00.png", 1)] + 1
+    g = torch.Generator().manual_seed(0)
+    c = {"v_star": torch.randn(8, generator=g), "token_id": 5, "alpha_blend": 0.25, "lora_scale": 1.0,
+         "lora_A": {}, "lora_B": {}}
+    assert evaluate.image_key(c, "a photo of S*", cfg, 11) != evaluate.image_key(c, "a photo of S*", cfg, 12)

@@ -80,10 +80,23 @@ def test_judge_width_sets_the_judges_channels(toy, tmp_path):
     shutil.copytree(out, copy)
     toyworld.main(dataclasses.replace(cfg, out=copy, stage="judge", judge_width=8))
     judge = toyworld.load_judge(os.path.join(copy, "judge.pt"))
-    assert judge.body[0][0].out_channels == 8 and toyworld.load_judge(os.path.join(out, "judge.pt")).body[0][0].out_channels == 16
-    assert toyworld.parse_args(["--judge-width", "32"]).judge_width == 32
+    assert judge.body[0][0].out_channels == 8 and toyworld.load_judge(os.path.join(out, "judge.pt")).body[0][0].out_channels == 32
+    assert toyworld.parse_args(["--judge-width", "16"]).judge_width == 16
     with pytest.raises(cmdline.UserError, match="multiple of 8"):
         toyworld.parse_args(["--judge-width", "12"])
+
+
+def test_competence_draws_at_the_competence_guidance(toy, tmp_path, monkeypatch):
+    """--competence-guidance reaches every competence drawing and is recorded beside the numbers."""
+    out, cfg, _ = toy
+    copy = str(tmp_path / "w")
+    shutil.copytree(out, copy)
+    used, generate = [], toyworld.sample.generate
+    monkeypatch.setattr(toyworld.sample, "generate", lambda *a, **kw: (used.append(kw["guidance"]), generate(*a, **kw))[1])
+    toyworld.main(dataclasses.replace(cfg, out=copy, stage="competence", competence_guidance=9.0))
+    assert len(used) == cfg.competence_per_class * len(toyworld.CLASSES) and set(used) == {9.0}
+    assert json.load(open(os.path.join(copy, "competence.json")))["settings"]["guidance"] == 9.0
+    assert toyworld.Config().competence_guidance == 12.0
 
 
 def test_t2i_detail_rate_makes_the_instances_words_words_and_competence_draws_them(toy, tmp_path):
