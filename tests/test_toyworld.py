@@ -325,6 +325,8 @@ def test_the_readmes_toy_sequence_uses_only_flags_the_scripts_have():
     assert nohyper.hypernet is False
     assert (nohyper.embedding_reg, nohyper.contrastive_from, nohyper.lambda_contrastive) == ("contrastive", 1500, 1e-3)
     assert parsed[4][1].variants == "paper"
+    # The toy is evaluated at the guidance its competence drawings were measured at.
+    assert parsed[4][1].guidance == toyworld.Config().competence_guidance == parsed[5][1].guidance
 
 
 def test_the_text_encoder_keeps_only_the_words_its_captions_used(toy):
