@@ -296,15 +296,16 @@ def drawing_seed(cfg: Config, concept_file: str, j: int) -> int:
     return cfg.seed + 1000 * j + 1_000_000 * (zlib.crc32(stem.encode()) % 100_000)
 
 
-def image_key(concept: dict, prompt: str, cfg: Config, seed: int | None = None) -> str:
+def image_key(concept: dict, prompt: str, cfg: Config, seed: int) -> str:
     """Short hash of what fixes the generated pixels: the concept (v*, its hard token, every LoRA
-    weight, alpha and the LoRA scale), the prompt and the sampler (its seed: `seed`, or cfg.seed)."""
+    weight, alpha and the LoRA scale), the prompt and the sampler (steps, guidance, `seed`: the
+    drawing_seed of the first picture)."""
     h = hashlib.sha1()
     h.update(concept["v_star"].numpy().tobytes())
     for name in sorted(concept["lora_A"]):
         h.update(name.encode() + concept["lora_A"][name].numpy().tobytes() + concept["lora_B"][name].numpy().tobytes())
     h.update(repr((concept["token_id"], concept["alpha_blend"], concept["lora_scale"], concept.get("final_loss"),
-                   prompt, cfg.steps, cfg.guidance, cfg.seed if seed is None else seed)).encode())
+                   prompt, cfg.steps, cfg.guidance, seed)).encode())
     return h.hexdigest()[:8]
 
 

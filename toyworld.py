@@ -836,8 +836,8 @@ def stage_t2i(out: str, steps: int, batch: int, seed: int, detail_rate: float = 
 # Stage "competence": does the base model follow prompts; can the metric tell instances apart?
 
 
-def drawing_accuracy(pipe, comps, judge: Judge, n_per_class: int, steps: int = 25, seed: int = 0,
-                     guidance: float = 7.5) -> dict:
+def drawing_accuracy(pipe, comps, judge: Judge, n_per_class: int, steps: int = 25, seed: int = 0, *,
+                     guidance: float) -> dict:
     """Does the text-to-image model draw what a caption names? For each class, n_per_class
     pictures from "a photo of a {size} {class} on a {colour} background" (random context); the
     judge reads each. -> {class: {factor: mean_se}} for class, background and size, and "all"."""
@@ -866,8 +866,8 @@ def knows_detail_words(comps) -> bool:
     return bool(model.word_rows(comps.token_table)[sorted(ids)].all())
 
 
-def named_instance_accuracy(pipe, comps, judge: Judge, n: int, steps: int = 25, seed: int = 0,
-                            guidance: float = 7.5) -> dict:
+def named_instance_accuracy(pipe, comps, judge: Judge, n: int, steps: int = 25, seed: int = 0, *,
+                            guidance: float) -> dict:
     """Does the text-to-image model draw an instance its prompt describes? n unseen instances
     (those of the held-out renders, cycling through the classes), each drawn once from "a photo
     of a {size} {pattern} {colour} and {colour} {class} on a {colour} background" (random
@@ -908,7 +908,7 @@ def text_tower_separation(comps) -> dict:
 
 
 def competence(out: str, n_per_class: int = 20, steps: int = 25, seed: int = 0, n_renders: int = 240,
-               device="cpu", guidance: float = 12.0) -> dict:
+               device="cpu", *, guidance: float) -> dict:
     """Does every model know every attribute a concept can carry (the world is a valid
     miniature only if so)? Measured with the code the evaluation uses (sample.generate,
     evaluate.ClipMetric) and the judge:
@@ -930,11 +930,11 @@ def competence(out: str, n_per_class: int = 20, steps: int = 25, seed: int = 0, 
     rep = {"judge": {"renders": judge_accuracy(judge, scenes), "after_vae": judge_accuracy(judge, scenes, comps.vae)},
            "clip_zero_shot": {name: clip_zero_shot(m.image_features, m.text_features, scenes)
                               for name, m in clips.items()},
-           "drawing": drawing_accuracy(pipe, comps, judge, n_per_class, steps, seed, guidance),
+           "drawing": drawing_accuracy(pipe, comps, judge, n_per_class, steps, seed, guidance=guidance),
            "text_tower": text_tower_separation(comps)}
     if knows_detail_words(comps):  # a world whose text-to-image captions name the instance (--t2i-detail-rate)
         rep["drawing_named_instance"] = named_instance_accuracy(pipe, comps, judge, n_per_class * len(CLASSES), steps,
-                                                                seed, guidance)
+                                                                seed, guidance=guidance)
 
     # Identity: the same instance in two contexts vs two instances of one class.
     metric = clips["clip-b"]

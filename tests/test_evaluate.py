@@ -171,13 +171,13 @@ def test_image_key_changes_with_anything_that_changes_the_pixels():
          "final_loss": 0.1, "lora_A": {"a": torch.randn(8, 2, generator=g), "b": torch.randn(8, 2, generator=g)},
          "lora_B": {"a": torch.randn(2, 8, generator=g), "b": torch.randn(2, 8, generator=g)}}
     cfg = evaluate.Config()
-    key = evaluate.image_key(c, "a photo of S*", cfg)
+    key = evaluate.image_key(c, "a photo of S*", cfg, 0)
     copy = {**c, "lora_A": {k: t.clone() for k, t in c["lora_A"].items()}}
-    assert evaluate.image_key(copy, "a photo of S*", cfg) == key
+    assert evaluate.image_key(copy, "a photo of S*", cfg, 0) == key
     changed_b = {**c, "lora_B": {**c["lora_B"], "b": c["lora_B"]["b"] + 1e-3}}
     for other in ({**c, "token_id": 6}, changed_b, {**c, "alpha_blend": 1.0}, {**c, "lora_scale": 0.5}):
-        assert evaluate.image_key(other, "a photo of S*", cfg) != key
-    assert evaluate.image_key(c, "a photo of S* on a red background", cfg) != key
+        assert evaluate.image_key(other, "a photo of S*", cfg, 0) != key
+    assert evaluate.image_key(c, "a photo of S* on a red background", cfg, 0) != key
 
 
 def test_each_concept_draws_with_noises_of_its_own_and_every_variant_with_the_same():
