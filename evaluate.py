@@ -92,6 +92,7 @@ class Config:
     guidance: float = 7.5  # classifier-free guidance scale
     tune_steps: int = 12  # tuning steps of the DATE variants that tune
     lambda_anchor: float = tune.Config.lambda_anchor  # Sec. 4.4 anchor of the DATE variants that tune
+    hard_token: str = tune.Config.hard_token  # C_h's word while tuning: the encoder prediction's ("encoder") or tuned v*'s
     batch_size: int = 16  # tuning batch (augmented views), for every variant and baseline
     ti_steps: int = tune.BASELINES["textual_inversion"]["steps"]  # TI baseline steps (diffusers' TI example)
     ti_lr: float = tune.BASELINES["textual_inversion"]["lr"]  # TI baseline lr (diffusers' TI example)
@@ -113,7 +114,7 @@ UserError = cmdline.UserError  # bad input: one line on stderr, exit code 2
 
 def parse_args(argv=None) -> Config:
     p = cmdline.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=("images",),
-                              choices={"preset": model.PRESETS})
+                              choices={"preset": model.PRESETS, "hard_token": tune.HARD_TOKEN_CHOICES})
     p.epilog = "variants: " + ", ".join(VARIANTS)
     return Config(**vars(p.parse_args(argv)))
 
@@ -247,7 +248,8 @@ def noun_prompt(prompt: str, noun: str, placeholder: str = model.PLACEHOLDER) ->
 def variant_config(cfg: Config, variant: str, image_path: str) -> tune.Config:
     """tune.py settings of one DATE variant (Sec. 5.4)."""
     tc = tune.Config(image=image_path, encoder=cfg.encoder, steps=cfg.tune_steps, batch_size=cfg.batch_size,
-                     lambda_anchor=cfg.lambda_anchor, seed=cfg.seed, base=cfg.base, clip=cfg.clip)
+                     lambda_anchor=cfg.lambda_anchor, hard_token=cfg.hard_token, seed=cfg.seed, base=cfg.base,
+                     clip=cfg.clip)
     if variant == "no_tuning":
         tc.steps = 0
     elif variant == "no_dual_path":
@@ -267,7 +269,7 @@ def variant_settings(cfg: Config, variant: str) -> dict:
                 "alpha_blend": 1.0}
     tc = variant_config(cfg, variant, "")
     return {"method": "date", "steps": tc.steps, "lr": tc.lr, "batch_size": tc.batch_size, "seed": tc.seed,
-            "lambda_anchor": tc.lambda_anchor, "encoder": tc.encoder,
+            "lambda_anchor": tc.lambda_anchor, "hard_token": tc.hard_token, "encoder": tc.encoder,
             "hypernet": variant not in ("no_hypernet", "lora_from_zero"), "alpha_blend": tc.alpha_blend}
 
 
@@ -451,13 +453,15 @@ def tuning_record(tuning: dict) -> dict:
 
 
 def tuning_drift(concepts: dict) -> dict:
-    """How far DATE's tuning moved v* from the encoder's v0 (mean ||v* - v0|| / ||v0||) and for how
-    many concepts it changed the hard token (v*'s nearest word, drawn by the dual path's original
-    branch); {} for variants that do not tune from an encoder (tuning_record)."""
+    """How far DATE's tuning moved v* from the encoder's v0 (mean ||v* - v0|| / ||v0||), for how
+    many concepts it changed v*'s nearest word, and for how many the hard token drawn by the dual
+    path's original branch is no longer v0's nearest word (only with tune.py --hard-token tuned);
+    {} for variants that do not tune from an encoder (tuning_record)."""
     tuned = [c for c in concepts.values() if c.get("start_token") is not None]
     if not tuned:
         return {}
     return {"v_shift": cmdline.mean_se([c["v_shift"] for c in tuned]),
+            "nearest_changed": sum(c["start_token"] != c["nearest_words"][0][0] for c in tuned),
             "token_changed": sum(c["start_token"] != c["token"] for c in tuned), "n_tuned": len(tuned)}
 
 
@@ -478,17 +482,19 @@ def markdown_table(summary: dict, n_concepts: int, n_prompts: int, num_images: i
     for name, s in summary.items():
         lines.append(f"| {name} | {_pm(s['identity'])} | {_pm(s['prompt'])} | {_pm(s['tune_s'], 2)} |"
                      + "".join(f" {_pm(s['judge'][f], 2) if f in s.get('judge', {}) else '-'} |" for f in judged))
-    lines += ["", "What v* reads as (Sec. 4.2): each concept's hard token (v*'s nearest word), how many concepts "
-              "have their class noun among v*'s three nearest words, and the mean cosine between the v* of two "
-              "concepts (near 1: one v* for every photo, Sec. 5.2's mode collapse); for the variants that tune "
-              "from the encoder, how far tuning moved v* (||v* - v0|| / ||v0||) and for how many concepts it "
-              "changed the hard token.", "",
+    lines += ["", "What v* reads as (Sec. 4.2): each concept's hard token (the word the dual path's original "
+              "branch draws: the encoder prediction's nearest word, or the tuned v*'s with --hard-token tuned), "
+              "how many concepts have their class noun among v*'s three nearest words, and the mean cosine "
+              "between the v* of two concepts (near 1: one v* for every photo, Sec. 5.2's mode collapse); for "
+              "the variants that tune from the encoder, how far tuning moved v* (||v* - v0|| / ||v0||) and for "
+              "how many concepts it changed v*'s nearest word and the hard token.", "",
               "| variant | hard tokens | class noun among 3 nearest | v* pairwise cosine | tuning moved v* | "
-              "hard token changed by tuning |", "|---|---|---|---|---|---|"]
+              "v*'s nearest word changed by tuning | hard token changed by tuning |", "|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         cos = "-" if s["v_pairwise_cos"] is None else f"{s['v_pairwise_cos']:.3f}"
         nn3 = s["noun_in_3_nearest"]
-        drift = (f"{_pm(s['v_shift'], 2)} | {s['token_changed']} / {s['n_tuned']}" if "v_shift" in s else "- | -")
+        drift = (f"{_pm(s['v_shift'], 2)} | {s['nearest_changed']} / {s['n_tuned']} | {s['token_changed']} / "
+                 f"{s['n_tuned']}" if "v_shift" in s else "- | - | -")
         lines.append(f"| {name} | {', '.join(f'{w} ×{c}' for w, c in s['hard_tokens'].items())} | "
                      f"{round(nn3['mean'] * nn3['n'])} / {nn3['n']} | {cos} | {drift} |")
     if prompts:

@@ -480,10 +480,12 @@ def encode_prompt(
 
 
 def encode_soft_and_hard(text_encoder, tokenizer, prompts: list[str], v_star: torch.Tensor, token_table: torch.Tensor,
-                         placeholder: str = PLACEHOLDER):
+                         placeholder: str = PLACEHOLDER, hard_ids: torch.Tensor | None = None):
     """(C, C_h, hard_ids) for Eq. (5): C with v* at the placeholder (gradients reach v*), C_h with
-    the nearest real token v_h of each v* instead (Sec. 4.3; no gradient). v_star (N|1, D)."""
-    hard_ids = nearest_tokens(v_star, token_table, k=1)[0][:, 0]  # (N|1,) ids of v_h
+    the nearest real token v_h of each v* instead (Sec. 4.3; no gradient). v_star (N|1, D).
+    hard_ids (N|1,), if given, are the v_h to use (tuning keeps the encoder prediction's, see tune.py)."""
+    if hard_ids is None:
+        hard_ids = nearest_tokens(v_star, token_table, k=1)[0][:, 0]  # (N|1,) ids of v_h
     C = encode_prompt(text_encoder, tokenizer, prompts, v_star=v_star, placeholder=placeholder)  # (N, 77, D)
     with torch.no_grad():
         C_h = encode_prompt(text_encoder, tokenizer, prompts, hard_ids=hard_ids, placeholder=placeholder)
@@ -891,17 +893,19 @@ def autocast(device):
 
 
 def dual_path_prediction(comps: Components, z_t: torch.Tensor, t: torch.Tensor, prompts: list[str],
-                         v: torch.Tensor, lora: dict, alpha: float, placeholder: str = PLACEHOLDER) -> torch.Tensor:
+                         v: torch.Tensor, lora: dict, alpha: float, placeholder: str = PLACEHOLDER,
+                         hard_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The personalised model's noise prediction: the step pre-training and tuning train on.
 
     C holds v (N|1, D) at the placeholder of each prompt, C_h its nearest real token (Sec. 4.3;
-    computed only when alpha < 1); the dual-path UNet (Eq. 5) with the per-sample LoRA `lora`
-    (Eq. 2) predicts the noise of z_t (N, 4, h, w) at t (N,). Eq. (1) compares it with the target.
+    computed only when alpha < 1), or the token ids hard_ids (N|1,) where given; the dual-path
+    UNet (Eq. 5) with the per-sample LoRA `lora` (Eq. 2) predicts the noise of z_t (N, 4, h, w)
+    at t (N,). Eq. (1) compares it with the target.
     """
     with autocast(z_t.device):
         if alpha < 1:  # C with v*, C_h with its nearest real token v_h, both (N, 77, D)
             C, C_h, _ = encode_soft_and_hard(comps.text_encoder, comps.tokenizer, prompts, v, comps.token_table,
-                                             placeholder)
+                                             placeholder, hard_ids=hard_ids)
         else:  # alpha = 1 runs the soft path alone: no C_h needed
             C = encode_prompt(comps.text_encoder, comps.tokenizer, prompts, v_star=v, placeholder=placeholder)
             C_h = None
@@ -916,18 +920,20 @@ CONCEPT_FORMAT = "date-concept-v1"
 
 
 def make_concept(comps: Components, v: torch.Tensor, lora: dict, placeholder: str, alpha_blend: float,
-                 tuning: dict, step_losses: list[float]) -> dict:
+                 tuning: dict, step_losses: list[float], token_id: int | None = None) -> dict:
     """The concept file's content: everything sample.py needs, a few MB at most, never a UNet.
 
     v (1, D) the tuned word embedding v*; lora {module path: (A (1, D_in, r), B (1, r, D_out))}
-    (may be empty: textual inversion has no LoRA); tuning: the settings that made it.
-    Keys: format, placeholder, v_star (D,), token_id / token (v*'s nearest real token, for C_h),
-    nearest_words (its five nearest words with their cosines), lora_A / lora_B ({module path:
+    (may be empty: textual inversion has no LoRA); tuning: the settings that made it; token_id:
+    the hard token v_h of C_h (default: v*'s nearest real token; tune.py passes the encoder's).
+    Keys: format, placeholder, v_star (D,), token_id / token (the hard token, for C_h),
+    nearest_words (v*'s five nearest words with their cosines), lora_A / lora_B ({module path:
     (D_in, r) / (r, D_out)}), rank, lora_scale, alpha_blend, preset, base, layer_names, tuning,
     first_loss, final_loss. Loads with weights_only=True.
     """
     v = v.detach().float()
-    token_id = int(nearest_tokens(v, comps.token_table, k=1)[0][0, 0])
+    if token_id is None:  # the hard token: v*'s own nearest word
+        token_id = int(nearest_tokens(v, comps.token_table, k=1)[0][0, 0])
     words = nearest_words(comps.tokenizer, comps.token_table, v, k=5)[0]
     return {
         "format": CONCEPT_FORMAT,

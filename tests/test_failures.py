@@ -216,6 +216,7 @@ def test_bad_numbers_concepts_devices_and_paths_are_one_line_each(tmp_path, conc
              (tune, ["--image", IMAGE, "--encoder", "random", "--steps", "x"] + common + TINY, "invalid int"),
              (tune, ["--image", IMAGE, "--encoder", "random", "--encoder-timestep", "-1"] + common + TINY,
               "--encoder-timestep must be in [0, 1000), got -1"),
+             (tune, ["--image", IMAGE, "--encoder", "random", "--hard-token", "nearest"] + common + TINY, "invalid choice"),
              (tune, ["--image", str(img_dir), "--encoder", "random"] + common + TINY, "is a directory"),
              (sample, ["--concept", str(tmp_path / "nokey.pt"), "--prompt", "a photo of S*"], "lacks lora_B"),
              (sample, ["--concept", str(tmp_path / "shape.pt"), "--prompt", "a photo of S*"], "has A (3, 7)"),

@@ -73,6 +73,25 @@ def test_twelve_tuning_steps_lower_the_denoising_loss_on_a_held_out_batch(tiny):
     assert tuned["tuning"]["v_shift"] == pytest.approx(shift, rel=1e-5) and shift > 0
 
 
+def test_tuning_keeps_the_encoder_predictions_hard_token_unless_told_to_follow_v(tiny, monkeypatch):
+    comps, names = tiny
+    seen = []  # the hard_ids each tuning step's dual-path prediction receives
+    inner = model.dual_path_prediction
+    monkeypatch.setattr(model, "dual_path_prediction",
+                        lambda *a, **k: seen.append(a[8] if len(a) > 8 else k.get("hard_ids")) or inner(*a, **k))
+    raw, _ = _tune(comps, names, steps=0, batch_size=2)
+    # A large lr without the anchor moves v* far enough that its nearest word changes.
+    kept, _ = _tune(comps, names, steps=3, batch_size=2, lr=1.0, lambda_anchor=0.0)
+    assert kept["nearest_words"][0][0] != raw["token"]  # (else this test would prove nothing)
+    assert kept["token"] == raw["token"] and kept["token_id"] == raw["token_id"]
+    assert kept["tuning"]["hard_token"] == "encoder" and kept["tuning"]["start_token"] == raw["token"]
+    assert [int(h[0]) for h in seen[-3:]] == [raw["token_id"]] * 3  # every step's C_h held v0's word
+    seen.clear()
+    follows, _ = _tune(comps, names, steps=3, batch_size=2, lr=1.0, lambda_anchor=0.0, hard_token="tuned")
+    assert seen == [None] * 3  # each step searched v's own nearest word
+    assert follows["token"] == follows["nearest_words"][0][0] != raw["token"]
+
+
 def test_steps_zero_writes_the_raw_encoder_prediction(tiny):
     comps, names = tiny
     raw, stats = _tune(comps, names, steps=0)
@@ -212,14 +231,15 @@ def test_tune_cli_benchmark_json_and_concept(tmp_path, capsys):
     assert 0 < rec["tune_loop_s"] < rec["total_s"] and rec["peak_gb"] > 0
     concept = model.load_concept(str(out))
     assert concept["tuning"]["steps"] == 2
-    # v*'s five nearest words with their cosines (Sec. 4.2), stored and printed; the first is the hard token.
+    # v*'s five nearest words with their cosines (Sec. 4.2), stored and printed.
     comps = model.load_components("tiny")
     want = model.nearest_words(comps.tokenizer, comps.token_table, concept["v_star"][None], k=5)[0]
-    assert [tuple(w) for w in concept["nearest_words"]] == want and want[0][0] == concept["token"]
+    assert [tuple(w) for w in concept["nearest_words"]] == want
     assert lines[-3] == "v* reads as: " + ", ".join(f"{w} {c:.3f}" for w, c in want)
     tuned = concept["tuning"]
-    assert lines[-2].startswith(f"tuning moved v* by {100 * tuned['v_shift']:.0f} % of its norm; hard token "
-                                f"{tuned['start_token']!r} -> {concept['token']!r}")
+    assert lines[-2].startswith(f"tuning moved v* by {100 * tuned['v_shift']:.0f} % of its norm; its nearest word "
+                                f"{tuned['start_token']!r} -> {want[0][0]!r}")
+    assert lines[-2].endswith(f"hard token {concept['token']!r} (the encoder's)") and tuned["hard_token"] == "encoder"
 
 
 def test_tune_reads_the_preset_from_a_pretrain_checkpoint(tmp_path):

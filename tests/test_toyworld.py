@@ -437,6 +437,7 @@ def test_evaluate_scores_each_variant_with_the_judge(toy, tmp_path):
     assert "judge: class" in table and "hard tokens" in table
     # full tunes from the encoder: how far v* moved and how many hard tokens tuning changed.
     per = rep["variants"]["full"].values()
-    assert s["n_tuned"] == 2 and s["token_changed"] == sum(c["start_token"] != c["token"] for c in per)
+    assert s["n_tuned"] == 2 and s["token_changed"] == sum(c["start_token"] != c["token"] for c in per) == 0
+    assert s["nearest_changed"] == sum(c["start_token"] != c["nearest_words"][0][0] for c in per)
     assert s["v_shift"]["mean"] == pytest.approx(sum(c["v_shift"] for c in per) / 2) and s["v_shift"]["mean"] > 0
-    assert "hard token changed by tuning" in table
+    assert "hard token changed by tuning" in table and "v*'s nearest word changed by tuning" in table

@@ -170,9 +170,11 @@ class RecordingAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def test_each_tuning_step_follows_the_gradient_of_that_steps_loss_alone(tiny, monkeypatch):
+@pytest.mark.parametrize("keep_hard_token", [True, False], ids=["hard-token-kept", "hard-token-follows-v"])
+def test_each_tuning_step_follows_the_gradient_of_that_steps_loss_alone(tiny, monkeypatch, keep_hard_token):
     """Recompute every step's loss -- Eq. (1) through the dual path + anchor L2 to the encoder's
-    prediction -- from what the step was fed, and compare its gradient with the one AdamW used."""
+    prediction -- from what the step was fed, and compare its gradient with the one AdamW used.
+    The hard token of C_h is the one given (tune.py: v0's nearest word), or else v's own at each step."""
     comps, names = tiny
     RecordingAdamW.made = []
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
@@ -184,12 +186,14 @@ def test_each_tuning_step_follows_the_gradient_of_that_steps_loss_alone(tiny, mo
         fed.append({"target": out[3].clone()})
         return out
 
-    def spy_pred(comps_, z_t, t, prompts, v, lora, alpha, placeholder=model.PLACEHOLDER):
-        fed[-1].update(z_t=z_t.clone(), t=t.clone(), prompts=list(prompts), alpha=alpha, placeholder=placeholder)
-        return real_pred(comps_, z_t, t, prompts, v, lora, alpha, placeholder)
+    def spy_pred(comps_, z_t, t, prompts, v, lora, alpha, placeholder=model.PLACEHOLDER, hard_ids=None):
+        fed[-1].update(z_t=z_t.clone(), t=t.clone(), prompts=list(prompts), alpha=alpha, placeholder=placeholder,
+                       hard_ids=hard_ids)
+        return real_pred(comps_, z_t, t, prompts, v, lora, alpha, placeholder, hard_ids)
 
-    def spy_soft_hard(text_encoder, tokenizer, prompts, v_star, token_table, placeholder=model.PLACEHOLDER):
-        out = real_soft_hard(text_encoder, tokenizer, prompts, v_star, token_table, placeholder)
+    def spy_soft_hard(text_encoder, tokenizer, prompts, v_star, token_table, placeholder=model.PLACEHOLDER,
+                      hard_ids=None):
+        out = real_soft_hard(text_encoder, tokenizer, prompts, v_star, token_table, placeholder, hard_ids)
         hard.append((v_star.detach().clone(), out[2].clone()))
         return out
 
@@ -203,8 +207,10 @@ def test_each_tuning_step_follows_the_gradient_of_that_steps_loss_alone(tiny, mo
     lora0 = {n: (torch.randn(1, din, 2, generator=g) * 0.1, torch.randn(1, 2, dout, generator=g) * 0.1)
              for n, (din, dout) in zip(names, model.lora_shapes(comps.unet, names))}
     lr_v, lr_lora, lam, steps = 5e-2, 2e-2, 0.5, 3
+    given = torch.tensor([1234]) if keep_hard_token else None  # (not v0's nearest word: it must come from here)
     v, lora, step_losses, _ = tune.optimise(comps, latents, v0, lora0, steps=steps, lr_v=lr_v, lr_lora=lr_lora,
-                                            alpha=0.3, lambda_anchor=lam, seed=7, placeholder="S*", log=lambda s: None)
+                                            alpha=0.3, lambda_anchor=lam, seed=7, placeholder="S*", log=lambda s: None,
+                                            hard_ids=given)
 
     (opt,) = RecordingAdamW.made
     assert opt.built["groups"] == [(1, lr_v), (2 * len(names), lr_lora)]  # v, then every A and B
@@ -214,17 +220,19 @@ def test_each_tuning_step_follows_the_gradient_of_that_steps_loss_alone(tiny, mo
     anchors = [v0] + [p for AB in lora0.values() for p in AB]
     for k, (rec, f) in enumerate(zip(opt.steps, fed)):
         assert f["alpha"] == 0.3 and f["placeholder"] == "S*" and all("S*" in p for p in f["prompts"])
+        assert f["hard_ids"] is given
         params = [p.clone().requires_grad_(True) for p in rec["params"]]
         lora_k = {n: (params[1 + 2 * i], params[2 + 2 * i]) for i, n in enumerate(lora0)}
-        pred = real_pred(comps, f["z_t"], f["t"], f["prompts"], params[0], lora_k, 0.3, "S*")
+        pred = real_pred(comps, f["z_t"], f["t"], f["prompts"], params[0], lora_k, 0.3, "S*", given)
         loss = F.mse_loss(pred.float(), f["target"]) + lam * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
         assert abs(loss.item() - step_losses[k]) < 1e-5 * max(1.0, abs(loss.item()))
         grads = torch.autograd.grad(loss, params)
         for want, got in zip(grads, rec["grads"]):
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-7), f"step {k + 1}"
-        # The hard token of C_h is the nearest real token of v *at this step* (Sec. 4.3).
+        # The hard token of C_h: the one given, or the nearest real token of v *at this step* (Sec. 4.3).
         v_seen, ids = hard[k]
-        assert torch.equal(v_seen, rec["params"][0]) and ids.tolist() == nearest_by_hand(v_seen, comps.token_table).tolist()
+        want = [1234] if keep_hard_token else nearest_by_hand(v_seen, comps.token_table).tolist()
+        assert torch.equal(v_seen, rec["params"][0]) and ids.tolist() == want
     assert not torch.equal(hard[0][0], hard[-1][0])  # v moved
     # The returned concept is the parameters after the last AdamW step.
     assert torch.equal(v, RecordingAdamW.made[0].param_groups[0]["params"][0].detach())
