@@ -19,7 +19,8 @@ Variants
     python evaluate.py --images eval_set/ --variants paper --no-hypernet-encoder runs/nohyper/encoder.pt
     python evaluate.py --images examples/ --preset tiny --encoder random --num-images 2 --steps 10
 
-Writes OUT/metrics.json, OUT/metrics.md (a table with tuning times), OUT/tradeoff.png (Fig. 5a
+Writes OUT/metrics.json, OUT/metrics.md (tables: each variant's means with tuning times, what
+its v* reads as, and every variant minus full paired by concept), OUT/tradeoff.png (Fig. 5a
 and 5b panels), OUT/grid.png (input photo, then one image per prompt, per variant: Fig. 3/4
 style) and the images under OUT/images/. Re-running with the same --out reuses finished
 concepts and images. On a CPU, --jobs 2 tunes and draws in two one-thread processes (the same
@@ -355,6 +356,8 @@ def check_inputs(cfg: Config):
         raise UserError(f"--tune-steps and --lambda-anchor must be >= 0, got {cfg.tune_steps} and {cfg.lambda_anchor}")
     if not (cfg.ti_lr > 0 and cfg.lora_lr > 0) or cfg.guidance < 0:
         raise UserError("--ti-lr and --lora-lr must be positive and --guidance >= 0")
+    if cfg.hard_token not in tune.HARD_TOKEN_CHOICES:  # the CLI's choices; a Python caller may pass anything
+        raise UserError(f"--hard-token must be one of {', '.join(tune.HARD_TOKEN_CHOICES)}, got {cfg.hard_token!r}")
     cmdline.check_output(cfg.out, "folder")
     if "no_hypernet" in variants and not cfg.no_hypernet_encoder:
         raise UserError("the no_hypernet variant needs an encoder pre-trained without the hypernetwork: "
@@ -465,6 +468,38 @@ def tuning_drift(concepts: dict) -> dict:
             "token_changed": sum(c["start_token"] != c["token"] for c in tuned), "n_tuned": len(tuned)}
 
 
+def paired_with_full(results: dict, fields: list[str]) -> dict:
+    """Each variant against `full`, paired by concept: {variant: {metric: mean ± SE over concepts of
+    (variant - full)}}, each concept first averaged over its prompts and images. The variants meet
+    the same photos, prompts and noises, so what the concepts share (how easy a photo is) cancels
+    in the difference; and the concept, not the cell, is the unit that repeats (a concept's
+    prompts share its v* and LoRA). The first table's SEs treat every cell as independent and
+    ignore the pairing: two variants it calls equal may differ in the same direction for most
+    concepts, and the other way round. Metrics: identity, prompt and the judge's `fields`.
+    {} without a `full` or with < 2 concepts."""
+    if "full" not in results or len(results["full"]) < 2:
+        return {}
+
+    def per_concept(concept: dict, metric: str) -> float | None:
+        vals = [c[metric] if metric in ("identity", "prompt") else c["judge"].get(metric)
+                for c in concept["prompts"].values()]
+        vals = [x for x in vals if x is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    out = {}
+    for variant, concepts in results.items():
+        if variant == "full":
+            continue
+        out[variant] = {}
+        for metric in ["identity", "prompt"] + list(fields):
+            diffs = [per_concept(concepts[f], metric) - per_concept(results["full"][f], metric)
+                     for f in results["full"] if f in concepts
+                     and None not in (per_concept(concepts[f], metric), per_concept(results["full"][f], metric))]
+            if len(diffs) >= 2:
+                out[variant][metric] = cmdline.mean_se(diffs)
+    return out
+
+
 def _pm(s: dict, digits: int = 4) -> str:
     return f"{s['mean']:.{digits}f} ± {s['se']:.{digits}f}"
 
@@ -497,6 +532,22 @@ def markdown_table(summary: dict, n_concepts: int, n_prompts: int, num_images: i
                  f"{s['n_tuned']}" if "v_shift" in s else "- | - | -")
         lines.append(f"| {name} | {', '.join(f'{w} ×{c}' for w, c in s['hard_tokens'].items())} | "
                      f"{round(nn3['mean'] * nn3['n'])} / {nn3['n']} | {cos} | {drift} |")
+    paired = {name: s["vs_full"] for name, s in summary.items() if s.get("vs_full")}
+    if paired:
+        metrics = [m for m in ["identity", "prompt"] + judged if any(m in d for d in paired.values())]
+        head = {"identity": "CLIP-I", "prompt": "CLIP-T"}
+        lines += ["", "Against full, paired by concept: variant - full, mean ± SE over the concepts (each concept "
+                  "averaged over its prompts and images first). The variants draw the same photos, prompts and "
+                  "noises, so this SE, not the one above, is the one to read when a variant is compared with "
+                  "full: a difference of about 2 SE or more is one most concepts agree on.", "",
+                  "| variant - full |" + "".join(f" {head.get(m, 'judge: ' + m)} |" for m in metrics),
+                  "|---|" + "---|" * len(metrics)]
+        for name, d in paired.items():
+            cells = []
+            for m in metrics:
+                digits = 4 if m in head else 2
+                cells.append(f"{d[m]['mean']:+.{digits}f} ± {d[m]['se']:.{digits}f}" if m in d else "-")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if prompts:
         lines += ["", "Prompts (the columns of grid.png):", ""] + [f"{j + 1}. {p}" for j, p in enumerate(prompts)]
     return "\n".join(lines) + "\n"
@@ -762,6 +813,9 @@ def main(cfg: Config):
             summary[variant]["judge"] = {f: cmdline.mean_se([r["judge"][f] for r in cells if f in r["judge"]])
                                          for f in Judge.CONCEPT + Judge.PROMPT
                                          if any(f in r["judge"] for r in cells)}
+    judged = [f for f in Judge.CONCEPT + Judge.PROMPT if any(f in s.get("judge", {}) for s in summary.values())]
+    for variant, d in paired_with_full(results, judged).items():
+        summary[variant]["vs_full"] = d
     report = {"preset": preset, "encoder": cfg.encoder, "config": dataclasses.asdict(cfg), "prompts": prompts,
               "metric_model": {"sd15": "ViT-B-16/" + cfg.eval_clip + " (QuickGELU)",
                                "sd15-arch": "ViT-B-16/random (QuickGELU)",

@@ -514,11 +514,16 @@ def word_rows(token_table: torch.Tensor) -> torch.Tensor:
     return token_table.detach().ne(0).any(dim=-1)
 
 
+def token_word(tokenizer, token_id: int) -> str:
+    """The word a token id stands for, without CLIP's end-of-word mark ("star</w>" -> "star")."""
+    return tokenizer.convert_ids_to_tokens(int(token_id)).replace("</w>", "")
+
+
 def nearest_words(tokenizer, token_table: torch.Tensor, v: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
     """v (N, D) -> for each row, its k nearest words and their cosines, e.g. [("star", 0.91), ...]
     (what v* "reads as", Sec. 4.2; a batch of v* that all read as the same word has collapsed)."""
     ids, cos = nearest_tokens(v, token_table, k=k)
-    return [[(tokenizer.convert_ids_to_tokens(int(i)).replace("</w>", ""), round(float(c), 3))
+    return [[(token_word(tokenizer, i), round(float(c), 3))
              for i, c in zip(row_ids, row_cos)] for row_ids, row_cos in zip(ids, cos)]
 
 
@@ -940,7 +945,7 @@ def make_concept(comps: Components, v: torch.Tensor, lora: dict, placeholder: st
         "placeholder": placeholder,
         "v_star": v[0].cpu(),
         "token_id": token_id,
-        "token": comps.tokenizer.convert_ids_to_tokens(token_id).replace("</w>", ""),
+        "token": token_word(comps.tokenizer, token_id),
         "nearest_words": [[w, c] for w, c in words],  # v*'s five nearest words and cosines (what it reads as)
         "lora_A": {k: A.detach()[0].cpu().float().contiguous() for k, (A, _) in lora.items()},
         "lora_B": {k: B.detach()[0].cpu().float().contiguous() for k, (_, B) in lora.items()},
@@ -1176,7 +1181,7 @@ def check_concept_fits(concept: dict, path: str, arch: Architecture, tokenizer=N
         raise ValueError(f"{path}: token_id {tid} is not a word of this text encoder's vocabulary "
                          f"(ids 0-{arch.vocab_size - 1}, not the start/end tokens)")
     if tokenizer is not None:
-        word = tokenizer.convert_ids_to_tokens(tid).replace("</w>", "")
+        word = token_word(tokenizer, tid)
         if word != concept["token"]:
             raise ValueError(f"{path}: token_id {tid} is {word!r} in this tokenizer, but the file names "
                              f"{concept['token']!r}: the file is damaged or from another tokenizer")

@@ -197,7 +197,7 @@ def check_concept_fits(concept: dict, path: str, comps, names: list[str]):
     v = concept["v_star"].to(comps.token_table.device)[None]
     nearest = int(model.nearest_tokens(v, comps.token_table, k=1)[0][0, 0])
     if nearest != concept["token_id"]:
-        word = comps.tokenizer.convert_ids_to_tokens(nearest).replace("</w>", "")
+        word = model.token_word(comps.tokenizer, nearest)
         warnings.warn(f"v*'s nearest word in this text encoder is {word!r}, not the file's {concept['token']!r}: "
                       f"was the concept tuned on other weights? (C_h keeps the file's word)")
 

@@ -258,7 +258,8 @@ def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = Fa
 
     # 3) <= 12 steps of AdamW on v, A, B only (Sec. 4.4), dual path with alpha (Eq. 5); C_h holds
     #    the encoder prediction's nearest word throughout (HARD_TOKEN_CHOICES), unless --hard-token tuned.
-    hard_ids = model.nearest_tokens(v0, comps.token_table, k=1)[0][:, 0] if cfg.hard_token == "encoder" else None
+    start_ids = model.nearest_tokens(v0, comps.token_table, k=1)[0][:, 0]  # v0's nearest word, (1,)
+    hard_ids = start_ids if cfg.hard_token == "encoder" else None
     v, lora, step_losses, loop_s = optimise(comps, latents, v0, lora0, steps=cfg.steps, lr_v=cfg.lr, lr_lora=cfg.lr,
                                             alpha=cfg.alpha_blend, lambda_anchor=cfg.lambda_anchor, seed=cfg.seed,
                                             placeholder=cfg.placeholder, log=log, on_step=on_step,
@@ -272,7 +273,7 @@ def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = Fa
               "lambda_anchor": cfg.lambda_anchor, "hard_token": cfg.hard_token,
               "hypernet": cfg.hypernet and trained_hypernet, "encoder": cfg.encoder,
               "image": os.path.basename(cfg.image) if cfg.image else "", "seconds": total_s,
-              "start_token": model.nearest_words(comps.tokenizer, comps.token_table, v0, k=1)[0][0][0],
+              "start_token": model.token_word(comps.tokenizer, int(start_ids[0])),
               "v_shift": ((v.float() - v0).norm() / v0.norm().clamp_min(1e-12)).item()}
     concept = model.make_concept(comps, v, lora, cfg.placeholder, cfg.alpha_blend, tuning, step_losses,
                                  token_id=None if hard_ids is None else int(hard_ids[0]))

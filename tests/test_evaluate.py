@@ -91,6 +91,12 @@ def test_end_to_end_writes_metrics_table_plot_and_reuses_the_cache(tmp_path, mon
     assert rep["reused"] == {"concepts": 0, "images": 0}
     md = (out / "metrics.md").read_text()
     assert "| variant | identity (CLIP-I) | prompt (CLIP-T) |" in md and "| no_dual_path |" in md
+    # no_dual_path against full, paired by concept: the mean of the two concepts' differences.
+    ident = {v: [sum(c["identity"] for c in rep["variants"][v][k]["prompts"].values()) / 2 for k in ("dog_01", "teapot_02")]
+             for v in ("full", "no_dual_path")}
+    d = [a - b for a, b in zip(ident["no_dual_path"], ident["full"])]
+    assert rep["summary"]["no_dual_path"]["vs_full"]["identity"] == pytest.approx(cmdline.mean_se(d), rel=1e-9)
+    assert "vs_full" not in rep["summary"]["full"] and "| variant - full | CLIP-I | CLIP-T |" in md
     png = out / "tradeoff.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(png) as im:
@@ -153,6 +159,37 @@ def test_jobs_2_workers_give_the_numbers_and_pictures_of_one_thread(tmp_path):
             assert torch.equal(ca["v_star"], cb["v_star"])
     assert two["reused"] == {"concepts": 0, "images": 0}  # the workers' fresh work, not the scoring pass's reuse
     assert two["summary"]["full"]["identity"] == one["summary"]["full"]["identity"]
+
+
+def test_paired_with_full_is_the_mean_and_se_of_per_concept_differences():
+    """Each concept is averaged over its prompts first; a concept only one variant has, or a judge
+    field a cell lacks, is left out; with one concept there is no SE, so no comparison."""
+    def concept(idents, classes):
+        return {"prompts": {f"p{j}": {"identity": i, "prompt": 0.5, "judge": {} if c is None else {"class": c}}
+                            for j, (i, c) in enumerate(zip(idents, classes))}}
+    results = {"full": {"a": concept([0.2, 0.4], [1.0, 0.0]), "b": concept([0.5, 0.5], [1.0, 1.0]),
+                        "c": concept([0.1, 0.3], [None, None])},
+               "no_tuning": {"a": concept([0.1, 0.1], [0.0, 0.0]), "b": concept([0.6, 0.6], [1.0, None]),
+                             "c": concept([0.3, 0.3], [None, None]), "extra": concept([0.9, 0.9], [1.0, 1.0])}}
+    got = evaluate.paired_with_full(results, ["class"])
+    assert set(got) == {"no_tuning"}
+    assert got["no_tuning"]["identity"] == pytest.approx(cmdline.mean_se([0.1 - 0.3, 0.6 - 0.5, 0.3 - 0.2]))
+    assert got["no_tuning"]["prompt"]["mean"] == pytest.approx(0.0) and got["no_tuning"]["prompt"]["se"] == pytest.approx(0.0)
+    assert got["no_tuning"]["class"] == pytest.approx(cmdline.mean_se([0.0 - 0.5, 1.0 - 1.0]))  # c has no class
+    assert evaluate.paired_with_full({"full": {"a": concept([0.2], [1.0])}, "lora": {"a": concept([0.3], [1.0])}},
+                                     []) == {}
+    assert evaluate.paired_with_full({"no_tuning": results["no_tuning"]}, []) == {}
+
+
+def test_a_misspelt_hard_token_is_refused_from_python_too(tmp_path):
+    """The CLI's choices reject a bad --hard-token; a Python caller of main() gets the same one-line
+    error, not the "tuned" rule by default, and nothing is written."""
+    imgs, _ = _eval_set(tmp_path)
+    cfg = evaluate.Config(images=str(imgs), preset="tiny", encoder="random", out=str(tmp_path / "o"), hard_token="kept",
+                          variants="full", num_images=1, steps=1, tune_steps=1, batch_size=2, device="cpu")  # quick if not refused
+    with pytest.raises(cmdline.UserError, match="--hard-token must be one of encoder, tuned"):
+        evaluate.main(cfg)
+    assert not (tmp_path / "o").exists()
 
 
 def test_jobs_below_one_is_one_line(tmp_path, capsys):
