@@ -356,8 +356,7 @@ def check_inputs(cfg: Config):
         raise UserError(f"--tune-steps and --lambda-anchor must be >= 0, got {cfg.tune_steps} and {cfg.lambda_anchor}")
     if not (cfg.ti_lr > 0 and cfg.lora_lr > 0) or cfg.guidance < 0:
         raise UserError("--ti-lr and --lora-lr must be positive and --guidance >= 0")
-    if cfg.hard_token not in tune.HARD_TOKEN_CHOICES:  # the CLI's choices; a Python caller may pass anything
-        raise UserError(f"--hard-token must be one of {', '.join(tune.HARD_TOKEN_CHOICES)}, got {cfg.hard_token!r}")
+    tune.check_hard_token(cfg.hard_token)  # the CLI's choices; a Python caller may pass anything
     cmdline.check_output(cfg.out, "folder")
     if "no_hypernet" in variants and not cfg.no_hypernet_encoder:
         raise UserError("the no_hypernet variant needs an encoder pre-trained without the hypernetwork: "
@@ -479,25 +478,37 @@ def paired_with_full(results: dict, fields: list[str]) -> dict:
     {} without a `full` or with < 2 concepts."""
     if "full" not in results or len(results["full"]) < 2:
         return {}
+    metrics = ["identity", "prompt"] + list(fields)
 
-    def per_concept(concept: dict, metric: str) -> float | None:
-        vals = [c[metric] if metric in ("identity", "prompt") else c["judge"].get(metric)
-                for c in concept["prompts"].values()]
-        vals = [x for x in vals if x is not None]
-        return sum(vals) / len(vals) if vals else None
+    def means(concepts: dict) -> dict:
+        """{concept: {metric: mean over its cells}}, a metric left out where no cell has it."""
+        out = {}
+        for f, concept in concepts.items():
+            cells = list(concept["prompts"].values())
+            out[f] = {}
+            for m in metrics:
+                vals = [c[m] if m in ("identity", "prompt") else c["judge"][m] for c in cells
+                        if m in ("identity", "prompt") or m in c["judge"]]
+                if vals:
+                    out[f][m] = sum(vals) / len(vals)
+        return out
 
+    full = means(results["full"])
     out = {}
     for variant, concepts in results.items():
         if variant == "full":
             continue
-        out[variant] = {}
-        for metric in ["identity", "prompt"] + list(fields):
-            diffs = [per_concept(concepts[f], metric) - per_concept(results["full"][f], metric)
-                     for f in results["full"] if f in concepts
-                     and None not in (per_concept(concepts[f], metric), per_concept(results["full"][f], metric))]
+        mine, out[variant] = means(concepts), {}
+        for m in metrics:
+            diffs = [mine[f][m] - full[f][m] for f in full if m in full[f] and m in mine.get(f, {})]
             if len(diffs) >= 2:
-                out[variant][metric] = cmdline.mean_se(diffs)
+                out[variant][m] = cmdline.mean_se(diffs)
     return out
+
+
+def judged_fields(summary: dict) -> list[str]:
+    """The judge's attributes that some variant of the summary was scored on, in the judge's order."""
+    return [f for f in Judge.CONCEPT + Judge.PROMPT if any(f in s.get("judge", {}) for s in summary.values())]
 
 
 def _pm(s: dict, digits: int = 4) -> str:
@@ -505,7 +516,7 @@ def _pm(s: dict, digits: int = 4) -> str:
 
 
 def markdown_table(summary: dict, n_concepts: int, n_prompts: int, num_images: int, prompts=()) -> str:
-    judged = [f for f in Judge.CONCEPT + Judge.PROMPT if any(f in s.get("judge", {}) for s in summary.values())]
+    judged = judged_fields(summary)
     lines = [f"Identity (CLIP-I) and prompt (CLIP-T) similarity, mean ± standard error over "
              f"{n_concepts} concept(s) × {n_prompts} prompt(s), {num_images} image(s) each; tuning time per "
              f"concept (wall clock, mean ± SE)." + (" Judge: the fraction of generated images the world's judge "
@@ -813,8 +824,7 @@ def main(cfg: Config):
             summary[variant]["judge"] = {f: cmdline.mean_se([r["judge"][f] for r in cells if f in r["judge"]])
                                          for f in Judge.CONCEPT + Judge.PROMPT
                                          if any(f in r["judge"] for r in cells)}
-    judged = [f for f in Judge.CONCEPT + Judge.PROMPT if any(f in s.get("judge", {}) for s in summary.values())]
-    for variant, d in paired_with_full(results, judged).items():
+    for variant, d in paired_with_full(results, judged_fields(summary)).items():
         summary[variant]["vs_full"] = d
     report = {"preset": preset, "encoder": cfg.encoder, "config": dataclasses.asdict(cfg), "prompts": prompts,
               "metric_model": {"sd15": "ViT-B-16/" + cfg.eval_clip + " (QuickGELU)",

@@ -71,6 +71,12 @@ UserError = cmdline.UserError  # bad input: one line on stderr, exit code 2
 HARD_TOKEN_CHOICES = ("encoder", "tuned")
 
 
+def check_hard_token(value: str):
+    """--hard-token (tune.py and evaluate.py): one of HARD_TOKEN_CHOICES, else UserError."""
+    if value not in HARD_TOKEN_CHOICES:
+        raise UserError(f"--hard-token must be one of {', '.join(HARD_TOKEN_CHOICES)}, got {value!r}")
+
+
 def parse_args(argv=None) -> Config:
     p = cmdline.config_parser(Config, __doc__.split("\n\n")[0].strip(), required=("image",),
                               choices={"preset": model.PRESETS, "hard_token": HARD_TOKEN_CHOICES})
@@ -88,8 +94,7 @@ def check_config(cfg: Config):
         raise UserError("--placeholder must not be empty")
     if not (cfg.lr > 0 and cfg.lambda_anchor >= 0):
         raise UserError(f"--lr must be positive and --lambda-anchor >= 0, got {cfg.lr} and {cfg.lambda_anchor}")
-    if cfg.hard_token not in HARD_TOKEN_CHOICES:
-        raise UserError(f"--hard-token must be one of {', '.join(HARD_TOKEN_CHOICES)}, got {cfg.hard_token!r}")
+    check_hard_token(cfg.hard_token)
     cmdline.check_encoder_timestep(cfg.encoder_timestep)
 
 
