@@ -25,9 +25,10 @@ import tune
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("toy"))
-    cfg = toyworld.Config(out=out, n_train=64, vae_steps=2, clip_steps=2, text_clip_steps=2, t2i_steps=2, batch_size=4,
-                          clip_batch_size=8, judge_steps=2, judge_batch_size=4, competence_per_class=1,
-                          competence_steps=2, competence_renders=8, jobs=1)  # in this process (the rebuild below spawns)
+    # jobs=1: in this process (the rebuild below spawns two lanes)
+    cfg = toyworld.Config(out=out, n_train=64, vae_steps=2, clip_steps=2, metric_clip_steps=2, text_clip_steps=2,
+                          t2i_steps=2, batch_size=4, clip_batch_size=8, judge_steps=2, judge_batch_size=4,
+                          competence_per_class=1, competence_steps=2, competence_renders=8, jobs=1)
     times = toyworld.main(cfg)
     return out, cfg, times
 
@@ -70,6 +71,15 @@ def test_the_same_seed_builds_the_same_world_and_models(toy, tmp_path):
     a, b = (torch.load(os.path.join(d, "judge.pt"), weights_only=True)["judge"] for d in (out, tmp_path))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.load(open(os.path.join(out, "competence.json"))) == json.load(open(tmp_path / "competence.json"))
+
+
+def test_a_failed_lane_stops_the_lane_waiting_for_it(toy, tmp_path):
+    """The t2i stage waits for the other lane's VAE; when the VAE fails (batch size 0), the
+    build stops with the failed stage named instead of waiting for ever."""
+    _, cfg, _ = toy
+    with pytest.raises(RuntimeError, match="the stage\\(s\\) vae"):
+        toyworld.main(dataclasses.replace(cfg, out=str(tmp_path), jobs=2, batch_size=0))
+    assert toyworld.done(str(tmp_path), "clip-l") and not toyworld.done(str(tmp_path), "t2i")
 
 
 def test_judge_width_sets_the_judges_channels(toy, tmp_path):
