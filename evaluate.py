@@ -92,6 +92,7 @@ class Config:
     steps: int = 50  # DDIM sampling steps
     guidance: float = 7.5  # classifier-free guidance scale
     tune_steps: int = 12  # tuning steps of the DATE variants that tune
+    tune_lr: float = tune.Config.lr  # their learning rate (Sec. 5.1)
     lambda_anchor: float = tune.Config.lambda_anchor  # Sec. 4.4 anchor of the DATE variants that tune
     hard_token: str = tune.Config.hard_token  # C_h's word while tuning: the encoder prediction's ("encoder") or tuned v*'s
     batch_size: int = 16  # tuning batch (augmented views), for every variant and baseline
@@ -248,9 +249,9 @@ def noun_prompt(prompt: str, noun: str, placeholder: str = model.PLACEHOLDER) ->
 
 def variant_config(cfg: Config, variant: str, image_path: str) -> tune.Config:
     """tune.py settings of one DATE variant (Sec. 5.4)."""
-    tc = tune.Config(image=image_path, encoder=cfg.encoder, steps=cfg.tune_steps, batch_size=cfg.batch_size,
-                     lambda_anchor=cfg.lambda_anchor, hard_token=cfg.hard_token, seed=cfg.seed, base=cfg.base,
-                     clip=cfg.clip)
+    tc = tune.Config(image=image_path, encoder=cfg.encoder, steps=cfg.tune_steps, lr=cfg.tune_lr,
+                     batch_size=cfg.batch_size, lambda_anchor=cfg.lambda_anchor, hard_token=cfg.hard_token,
+                     seed=cfg.seed, base=cfg.base, clip=cfg.clip)
     if variant == "no_tuning":
         tc.steps = 0
     elif variant == "no_dual_path":
@@ -354,8 +355,8 @@ def check_inputs(cfg: Config):
             raise UserError(f"{flag} must be positive, got {val}")
     if cfg.tune_steps < 0 or not cfg.lambda_anchor >= 0:
         raise UserError(f"--tune-steps and --lambda-anchor must be >= 0, got {cfg.tune_steps} and {cfg.lambda_anchor}")
-    if not (cfg.ti_lr > 0 and cfg.lora_lr > 0) or cfg.guidance < 0:
-        raise UserError("--ti-lr and --lora-lr must be positive and --guidance >= 0")
+    if not (cfg.tune_lr > 0 and cfg.ti_lr > 0 and cfg.lora_lr > 0) or cfg.guidance < 0:
+        raise UserError("--tune-lr, --ti-lr and --lora-lr must be positive and --guidance >= 0")
     tune.check_hard_token(cfg.hard_token)  # the CLI's choices; a Python caller may pass anything
     cmdline.check_output(cfg.out, "folder")
     if "no_hypernet" in variants and not cfg.no_hypernet_encoder:

@@ -10,6 +10,7 @@ from PIL import Image
 import cmdline
 import data
 import evaluate
+import tune
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,18 @@ def test_end_to_end_writes_metrics_table_plot_and_reuses_the_cache(tmp_path, mon
     assert rep2["summary"]["full"]["identity"]["mean"] == pytest.approx(rep["summary"]["full"]["identity"]["mean"], abs=1e-6)
 
 
-@pytest.mark.parametrize("case", ["empty_folder", "missing_prompts", "no_placeholder", "bad_variant"])
+def test_tune_settings_reach_the_tuning_and_the_cache_key():
+    """--tune-lr, --tune-steps and --lambda-anchor are the DATE variants' tune.py settings (not
+    no_tuning's steps), and a concept cached under other settings is not reused."""
+    cfg = evaluate.Config(encoder="e.pt", tune_lr=0.02, tune_steps=5, lambda_anchor=0.0)
+    tc = evaluate.variant_config(cfg, "full", "x.png")
+    assert (tc.lr, tc.steps, tc.lambda_anchor) == (0.02, 5, 0.0)
+    assert evaluate.variant_config(cfg, "no_tuning", "x.png").steps == 0
+    default = evaluate.variant_settings(evaluate.Config(encoder="e.pt"), "full")
+    assert default["lr"] == tune.Config.lr and evaluate.variant_settings(cfg, "full")["lr"] == 0.02
+
+
+@pytest.mark.parametrize("case", ["empty_folder", "missing_prompts", "no_placeholder", "bad_variant", "bad_tune_lr"])
 def test_bad_input_exits_2_with_one_line(tmp_path, case, capsys):
     imgs, prompts = _eval_set(tmp_path)
     empty = tmp_path / "empty"
@@ -125,7 +137,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case, capsys):
     args = {"empty_folder": ["--images", str(empty)],
             "missing_prompts": ["--images", str(imgs), "--prompts", str(tmp_path / "nope.txt")],
             "no_placeholder": ["--images", str(imgs), "--prompts", str(tmp_path / "plain.txt")],
-            "bad_variant": ["--images", str(imgs), "--variants", "full,nonsense"]}[case]
+            "bad_variant": ["--images", str(imgs), "--variants", "full,nonsense"],
+            "bad_tune_lr": ["--images", str(imgs), "--tune-lr", "0"]}[case]
     assert evaluate.cli(args + ["--preset", "tiny", "--encoder", "random", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("evaluate.py: error:")
