@@ -481,6 +481,10 @@ def paired_with_full(results: dict, fields: list[str]) -> dict:
         return {}
     metrics = ["identity", "prompt"] + list(fields)
 
+    def value(cell: dict, m: str):
+        """A cell's CLIP score (identity, prompt) or judge score for m; None where it has none."""
+        return cell[m] if m in ("identity", "prompt") else cell["judge"].get(m)
+
     def means(concepts: dict) -> dict:
         """{concept: {metric: mean over its cells}}, a metric left out where no cell has it."""
         out = {}
@@ -488,8 +492,7 @@ def paired_with_full(results: dict, fields: list[str]) -> dict:
             cells = list(concept["prompts"].values())
             out[f] = {}
             for m in metrics:
-                vals = [c[m] if m in ("identity", "prompt") else c["judge"][m] for c in cells
-                        if m in ("identity", "prompt") or m in c["judge"]]
+                vals = [x for x in (value(c, m) for c in cells) if x is not None]
                 if vals:
                     out[f][m] = sum(vals) / len(vals)
         return out
