@@ -522,7 +522,11 @@ def token_word(tokenizer, token_id: int) -> str:
 def nearest_words(tokenizer, token_table: torch.Tensor, v: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
     """v (N, D) -> for each row, its k nearest words and their cosines, e.g. [("star", 0.91), ...]
     (what v* "reads as", Sec. 4.2; a batch of v* that all read as the same word has collapsed)."""
-    ids, cos = nearest_tokens(v, token_table, k=k)
+    return named_tokens(tokenizer, *nearest_tokens(v, token_table, k=k))
+
+
+def named_tokens(tokenizer, ids: torch.Tensor, cos: torch.Tensor) -> list[list[tuple[str, float]]]:
+    """nearest_tokens' (ids, cosines), each (N, k) -> per row [(word, cosine rounded to 3), ...]."""
     return [[(token_word(tokenizer, i), round(float(c), 3))
              for i, c in zip(row_ids, row_cos)] for row_ids, row_cos in zip(ids, cos)]
 
@@ -937,9 +941,10 @@ def make_concept(comps: Components, v: torch.Tensor, lora: dict, placeholder: st
     first_loss, final_loss. Loads with weights_only=True.
     """
     v = v.detach().float()
+    ids, cos = nearest_tokens(v, comps.token_table, k=5)  # one search: v*'s five nearest words
     if token_id is None:  # the hard token: v*'s own nearest word
-        token_id = int(nearest_tokens(v, comps.token_table, k=1)[0][0, 0])
-    words = nearest_words(comps.tokenizer, comps.token_table, v, k=5)[0]
+        token_id = int(ids[0, 0])
+    words = named_tokens(comps.tokenizer, ids, cos)[0]
     return {
         "format": CONCEPT_FORMAT,
         "placeholder": placeholder,
