@@ -65,6 +65,7 @@ class Config:
     embedding_reg: str = "contrastive"  # Sec. 5.2: contrastive = Eq. 3 + 4, nearest-cosine (+ Eq. 4), l2 = Eq. 4, none
     hypernet: bool = True  # --no-hypernet: token head only, no predicted LoRA (Sec. 5.4 ablation)
     encoder_timestep: int | None = None  # encoder's UNet input: default the z_t Eq. (1) scores (E4T); T: z0 at t=T
+    t_min: int = 0  # Eq. (1)'s t uniform over [t_min, 1000) in training (0: every t, the usual; validation: every t)
     # Loss weights and Eq. (3) settings. The paper gives no values; these are ours.
     lambda_contrastive: float = 0.01  # Eq. (3)
     contrastive_from: int = 0  # Eq. (3) joins at this step; before it Eq. (4) alone (0: from the start)
@@ -109,6 +110,8 @@ def check_config(cfg: Config):
             raise cmdline.UserError(f"--val-images: no such folder: {folder}")
     if cfg.encoder_timestep is not None:
         cmdline.check_encoder_timestep(cfg.encoder_timestep)
+    if not 0 <= cfg.t_min < 1000:
+        raise cmdline.UserError(f"--t-min must be in [0, 1000), got {cfg.t_min}")
     if cfg.contrastive_from < 0:
         raise cmdline.UserError(f"--contrastive-from must be >= 0, got {cfg.contrastive_from}")
     if cfg.val_every <= 0 or cfg.val_views <= 0:
@@ -200,6 +203,16 @@ def step_seed(cfg: Config, step: int, rank: int) -> int:
     return ((cfg.seed * 1_000_003 + step) * 1_024 + rank) & 0x7FFFFFFFFFFF
 
 
+def training_timesteps(cfg: Config, scheduler, n: int, g: torch.Generator) -> torch.Tensor | None:
+    """Eq. (1)'s t for one training batch of n: None (the default, --t-min 0) lets noisy_latents
+    draw it uniformly over all of the schedule's T steps, the usual reading of Eq. (1)'s E_t;
+    --t-min m draws it uniformly over [m, T) instead. NOTE: Eq. (1) does not say how t is drawn
+    (see README, "Choices the paper leaves open"); validation always scores every t."""
+    if not cfg.t_min:
+        return None
+    return torch.randint(cfg.t_min, scheduler.config.num_train_timesteps, (n,), generator=g, device=g.device)
+
+
 def pretrain_losses(cfg: Config, comps, encoder, batch, seed: int, world: int = 1, rank: int = 0,
                     step: int | None = None):
     """All loss terms of one pre-training step (Sec. 4). Returns a dict of scalar tensors."""
@@ -207,7 +220,8 @@ def pretrain_losses(cfg: Config, comps, encoder, batch, seed: int, world: int = 
     g = torch.Generator(device).manual_seed(seed)
     images, clip_images = batch["vae"].to(device), batch["clip"].to(device)
     z0 = model.vae_latents(comps.vae, images, g).float()  # (N, 4, R/8, R/8)
-    z_t, t, _, target = model.noisy_latents(comps.noise_scheduler, z0, g)
+    t = training_timesteps(cfg, comps.noise_scheduler, len(z0), g)  # None: noisy_latents draws any t
+    z_t, t, _, target = model.noisy_latents(comps.noise_scheduler, z0, g, t=t)
     z_enc, t_enc = z_t, t  # E4T: the encoder sees the very noisy latent that Eq. (1) scores
     if cfg.encoder_timestep is not None:  # or, as tune.py's one forward: z0 at a fixed t, noise of its own
         t_enc = torch.full_like(t, cfg.encoder_timestep)

@@ -299,3 +299,33 @@ def test_encoder_timestep_feeds_the_encoder_its_own_noisy_latent_and_leaves_eq1_
     z_enc, t_enc = runs[500]["enc"]
     assert t_enc.tolist() == [500] * 3 and not torch.allclose(z_enc, z)
     assert pretrain.cli(["--data", "synthetic", "--preset", "tiny", "--encoder-timestep", "1000"]) == 2
+
+
+def test_t_min_draws_eq1_t_from_its_range_in_training_and_is_checked(tmp_path, tiny, monkeypatch):
+    # --t-min m: Eq. (1)'s t is drawn from [m, 1000) in each training step; 0 (default) draws from
+    # every t exactly as before (noisy_latents' own draw). Out-of-range values are one-line errors.
+    comps, names = tiny
+    batch = torch.utils.data.default_collate([data.ConceptImages("synthetic", None, comps.cfg.resolution, comps.cfg.clip_size)[i]
+                                              for i in range(3)])
+    seen = []
+    predict = model.dual_path_prediction
+    monkeypatch.setattr(model, "dual_path_prediction", lambda c, z, t, *a: seen.append(t.clone()) or predict(c, z, t, *a))
+    torch.manual_seed(0)
+    enc = model.build_encoder(comps, names)
+    drawn = {}
+    for t_min in (0, 600):
+        seen.clear()
+        with torch.no_grad():
+            for s in range(8):
+                pretrain.pretrain_losses(_cfg(tmp_path, t_min=t_min), comps, enc, batch, seed=s)
+        drawn[t_min] = torch.cat(seen)
+    assert drawn[600].min() >= 600 and drawn[600].max() < 1000 and len(set(drawn[600].tolist())) > 5
+    assert drawn[0].min() < 600  # 24 draws over every t
+    g = torch.Generator().manual_seed(3)  # the default is noisy_latents' own uniform draw, unchanged
+    z0 = model.vae_latents(comps.vae, batch["vae"], g).float()
+    seen.clear()
+    with torch.no_grad():
+        pretrain.pretrain_losses(_cfg(tmp_path), comps, enc, batch, seed=3)
+    assert torch.equal(seen[0], model.noisy_latents(comps.noise_scheduler, z0, g)[1])
+    for bad in ("1000", "-1"):
+        assert pretrain.cli(["--data", "synthetic", "--preset", "tiny", "--t-min", bad]) == 2
