@@ -93,11 +93,11 @@ def check_output(path: str, kind: str, flag: str = "--out"):
         raise UserError(f"{flag} {path}: cannot write in {probe} ({e.strerror or e.__class__.__name__})") from None
 
 
-def check_encoder_timestep(t: int):
-    """--encoder-timestep (pretrain.py, tune.py): a DDPM timestep of the 1,000-step schedule both
-    presets' schedulers use (SD 1.5's and the toy's). Raises UserError."""
+def check_encoder_timestep(t: int, flag: str = "--encoder-timestep"):
+    """--encoder-timestep (pretrain.py, tune.py), --t-min (pretrain.py): a DDPM timestep of the
+    1,000-step schedule both presets' schedulers use (SD 1.5's and the toy's). Raises UserError."""
     if not 0 <= t < 1000:
-        raise UserError(f"--encoder-timestep must be in [0, 1000), got {t}")
+        raise UserError(f"{flag} must be in [0, 1000), got {t}")
 
 
 def resolve_device(name: str | None) -> torch.device:

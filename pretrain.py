@@ -110,8 +110,7 @@ def check_config(cfg: Config):
             raise cmdline.UserError(f"--val-images: no such folder: {folder}")
     if cfg.encoder_timestep is not None:
         cmdline.check_encoder_timestep(cfg.encoder_timestep)
-    if not 0 <= cfg.t_min < 1000:
-        raise cmdline.UserError(f"--t-min must be in [0, 1000), got {cfg.t_min}")
+    cmdline.check_encoder_timestep(cfg.t_min, "--t-min")
     if cfg.contrastive_from < 0:
         raise cmdline.UserError(f"--contrastive-from must be >= 0, got {cfg.contrastive_from}")
     if cfg.val_every <= 0 or cfg.val_views <= 0:
