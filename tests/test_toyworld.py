@@ -331,9 +331,11 @@ def test_the_readmes_toy_sequence_uses_only_flags_the_scripts_have():
     assert pretrain.val_folders(pre) == ["runs/toyworld/heldout", "runs/toyworld/concepts"]
     assert pre.preset == "toy" and pre.steps == 2000 and pre.embedding_reg == "contrastive"
     assert pre.contrastive_from == 1500 and pre.lambda_contrastive == 1e-3 and pre.val_views == 16
+    assert pre.t_min == 400  # Eq. (1)'s t from [400, 1000) in every pre-training of the sequence
     nohyper = parsed[3][1]  # the Sec. 5.4 encoder differs from the method's only in the hypernetwork
     assert nohyper.hypernet is False
-    assert (nohyper.embedding_reg, nohyper.contrastive_from, nohyper.lambda_contrastive) == ("contrastive", 1500, 1e-3)
+    assert (nohyper.embedding_reg, nohyper.contrastive_from, nohyper.lambda_contrastive, nohyper.t_min) == (
+        "contrastive", 1500, 1e-3, 400)
     assert parsed[4][1].variants == "paper"
     # The toy is evaluated at the guidance its competence drawings were measured at.
     assert parsed[4][1].guidance == toyworld.Config().competence_guidance == parsed[5][1].guidance
