@@ -53,7 +53,7 @@ from dataclasses import dataclass
 # importing them takes 5-10 s, and --help and one-line input errors should answer at once.
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -158,14 +158,14 @@ def _shape_mask(cls: str, cx: float, cy: float, r: float, size: int) -> Image.Im
     return mask
 
 
-def _pattern(inst: Instance, size: int) -> Image.Image:
-    """The instance's fill: its pattern in its two colours, at its scale and angle (the same
-    whatever the object's size, as a real object's texture)."""
+def _pattern(inst: Instance, size: int, rgb: tuple | None = None) -> Image.Image:
+    """The instance's fill: its pattern in its two colours (or in the two RGB colours `rgb`), at
+    its scale and angle (the same whatever the object's size, as a real object's texture)."""
+    c1, c2 = rgb or (COLOURS[inst.colour1], COLOURS[inst.colour2])
     big = int(size * 1.5)
-    im = Image.new("RGB", (big, big), COLOURS[inst.colour1])
+    im = Image.new("RGB", (big, big), c1)
     d = ImageDraw.Draw(im)
     p = max(4.0, inst.period * 0.5 * size)
-    c2 = COLOURS[inst.colour2]
     n = int(big / p) + 2
     for i in range(n):
         for j in range(n):
@@ -182,15 +182,25 @@ def _pattern(inst: Instance, size: int) -> Image.Image:
 
 
 def render(inst: Instance, background: str, obj_size: str, rng: random.Random | None = None,
-           size: int = SIZE) -> Image.Image:
+           size: int = SIZE, style: dict | None = None) -> Image.Image:
     """One picture: the instance, small or large, on a background; where it sits (never named)
-    and the exact size come from rng."""
+    and the exact size come from rng. style (the judge's training and competence only; the
+    world's own pictures never have one): {"rgb": two RGB colours to wear instead of the
+    instance's, "scale": the radius times this, "grow": the outline moved out (> 0) or in (< 0) by
+    this many pixels of the 4x drawing, "soft": its edge blurred by this radius (4x pixels)}."""
+    style = style or {}
     s = 4 * size  # drawn at 4x, then downsampled (anti-aliasing)
     rng = rng or random.Random(0)
-    r = s * rng.uniform(*SIZES[obj_size])
+    r = s * rng.uniform(*SIZES[obj_size]) * style.get("scale", 1.0)
     cx, cy = (s * (0.5 + rng.uniform(-PLACE_JITTER, PLACE_JITTER)) for _ in range(2))
     im = Image.new("RGB", (s, s), BACKGROUNDS[background])
-    im.paste(_pattern(inst, s), (0, 0), _shape_mask(inst.cls, cx, cy, r, s))
+    mask = _shape_mask(inst.cls, cx, cy, r, s)
+    grow = style.get("grow", 0)
+    if grow:
+        mask = mask.filter((ImageFilter.MaxFilter if grow > 0 else ImageFilter.MinFilter)(2 * abs(grow) + 1))
+    if style.get("soft"):
+        mask = mask.filter(ImageFilter.GaussianBlur(style["soft"]))
+    im.paste(_pattern(inst, s, style.get("rgb")), (0, 0), mask)
     return im.resize((size, size), Image.LANCZOS)
 
 
@@ -437,10 +447,58 @@ def judge_targets(scenes: list[dict], insts: list[Instance], indexed: bool = Tru
     return t
 
 
-def stage_judge(out: str, steps: int, batch: int, seed: int, width: int = 16, n_decoded: int = 5_000):
-    """Train the judge on the world's pictures and on the same pictures as the toy VAE gives them
-    back (encoded, sampled, decoded: generated pictures come out of that decoder), half and half
-    in every batch, and save OUT/judge.pt."""
+def restyled_renders(insts: list[Instance], n: int, seed: int) -> list[tuple]:
+    """n pictures of these instances (cycled) in random contexts, drawn the way the world's
+    text-to-image model draws its objects rather than the way the world renders them: in colours
+    the world never gives an object (any RGB at least 100 from the background: pale, dark, between
+    the palette's; a third of them one flat colour, so that no pattern shows), up to a fifth
+    larger, with outlines up to 1.5 px fatter or 0.5 px thinner, and soft edges.
+    -> [(Instance, background, size, flat, PIL image)]
+
+    Why: the text-to-image model never hears an instance's colours, so it draws objects in colours
+    of its own (on green and blue mostly a flat pale yellow or white), and its large objects come
+    out larger and fatter than the world's. A judge trained on the world's renders alone read the
+    class of those pictures from colour and thickness as much as from shape: a large star or cross
+    on green, plainly a star or a cross to the eye, was a "ring" or a "heart" 43 % of the time."""
+    rng = random.Random(seed)
+    out = []
+
+    def colour(avoid):
+        while True:
+            c = tuple(rng.randrange(256) for _ in range(3))
+            if all(math.dist(c, a) >= 100 for a in avoid):
+                return c
+
+    for k in range(n):
+        inst, bg, obj_size = insts[k % len(insts)], rng.choice(sorted(BACKGROUNDS)), rng.choice(list(SIZES))
+        flat = rng.random() < 1 / 3
+        c1 = colour([BACKGROUNDS[bg]])
+        c2 = c1 if flat else colour([BACKGROUNDS[bg], c1])
+        style = {"rgb": (c1, c2), "scale": rng.uniform(1.0, 1.2), "grow": rng.choice((-2, 0, 0, 2, 4, 6)),
+                 "soft": rng.uniform(0, 3)}
+        out.append((inst, bg, obj_size, flat, render(inst, bg, obj_size, rng, style=style)))
+    return out
+
+
+def _through_vae(vae, images_u8: torch.Tensor, g: torch.Generator, what: str) -> torch.Tensor:
+    """uint8 pictures encoded, sampled and decoded by the toy VAE (what generated pictures come out of)."""
+    decoded = torch.empty_like(images_u8)
+    with torch.no_grad():
+        for i in tqdm(range(0, len(images_u8), 500), desc=f"judge: {what} through the VAE", dynamic_ncols=True,
+                      position=BAR_POSITION):
+            x = to_unit(images_u8[i:i + 500])
+            y = vae.decode(vae.encode(x).latent_dist.sample(generator=g)).sample
+            decoded[i:i + 500] = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return decoded
+
+
+def stage_judge(out: str, steps: int, batch: int, seed: int, width: int = 16, n_decoded: int = 5_000,
+                n_restyled: int = 5_000):
+    """Train the judge and save OUT/judge.pt. Every batch is a third the world's pictures, a third
+    the same pictures as the toy VAE gives them back (encoded, sampled, decoded: generated pictures
+    come out of that decoder), and a third training instances restyled (restyled_renders: other
+    colours, outlines), through the VAE too. The restyled third teaches class, pattern (where one
+    shows), background and size; the colours head learns only from the palette's pictures."""
     from diffusers import AutoencoderKL
 
     images, scenes, insts = load_world(out)
@@ -448,26 +506,32 @@ def stage_judge(out: str, steps: int, batch: int, seed: int, width: int = 16, n_
     vae = AutoencoderKL.from_pretrained(os.path.join(out, "sd", "vae")).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     n_decoded = min(n_decoded, len(images))
-    decoded = torch.empty_like(images[:n_decoded])  # (decoding is slow: the first n_decoded pictures)
-    with torch.no_grad():
-        for i in tqdm(range(0, n_decoded, 500), desc="judge: through the VAE", dynamic_ncols=True,
-                      position=BAR_POSITION):
-            x = to_unit(images[i:i + 500])
-            y = vae.decode(vae.encode(x).latent_dist.sample(generator=g)).sample
-            decoded[i:i + 500] = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    decoded = _through_vae(vae, images[:n_decoded], g, "pictures")  # (decoding is slow: the first n_decoded)
+    n_restyled = min(n_restyled, len(images))
+    restyled = restyled_renders(train_instances(), n_restyled, seed + 1)
+    restyled_x = _through_vae(vae, torch.stack([_u8(im) for *_, im in restyled]), g, "restyled pictures")
+    restyled_t = judge_targets([{"background": bg, "size": z} for _, bg, z, _, _ in restyled], [r[0] for r in restyled],
+                            indexed=False)
+    restyled_patterned = torch.tensor([not flat for *_, flat, _ in restyled])
     torch.manual_seed(seed)
     judge = Judge(width)
 
     def step_fn(step):
         g = torch.Generator().manual_seed(seed * 100_003 + step)
-        half = batch // 2
-        idx = torch.cat([torch.randint(0, len(images), (half,), generator=g),
-                         torch.randint(0, n_decoded, (batch - half,), generator=g)])
-        x = to_unit(torch.cat([images[idx[:half]], decoded[idx[half:]]]))
+        third = batch // 3
+        n_r = batch - 2 * third
+        idx = [torch.randint(0, len(images), (third,), generator=g), torch.randint(0, n_decoded, (third,), generator=g),
+               torch.randint(0, n_restyled, (n_r,), generator=g)]
+        x = to_unit(torch.cat([images[idx[0]], decoded[idx[1]], restyled_x[idx[2]]]))
         flip = torch.rand(batch, generator=g) < 0.5  # every shape is mirror-symmetric
         logits = judge(torch.where(flip[:, None, None, None], x.flip(-1), x))
-        loss = sum(F.cross_entropy(logits[f], targets[f][idx]) for f in JUDGE_FACTORS)
-        return loss + F.binary_cross_entropy_with_logits(logits["colours"], targets["colours"][idx])
+        want = {f: torch.cat([targets[f][idx[0]], targets[f][idx[1]], restyled_t[f][idx[2]]]) for f in JUDGE_FACTORS}
+        loss = sum(F.cross_entropy(logits[f], want[f]) for f in ("class", "background", "size"))
+        # a flat object shows no pattern
+        shown = torch.cat([torch.ones(2 * third, dtype=torch.bool), restyled_patterned[idx[2]]])
+        loss = loss + F.cross_entropy(logits["pattern"][shown], want["pattern"][shown])
+        palette = torch.cat([targets["colours"][idx[0]], targets["colours"][idx[1]]])
+        return loss + F.binary_cross_entropy_with_logits(logits["colours"][:2 * third], palette)
 
     train_loop("judge", out, list(judge.parameters()), step_fn, steps, 2e-3, {"judge": judge})
     cmdline.atomic_save({"judge": judge.state_dict(), "width": width}, os.path.join(out, "judge.pt"))
@@ -480,9 +544,9 @@ def load_judge(path: str) -> Judge:
     return judge.eval().requires_grad_(False)
 
 
-def judge_accuracy(judge: Judge, scenes, vae=None) -> dict:
+def judge_accuracy(judge: Judge, scenes, vae=None, factors=None) -> dict:
     """The judge on held-out renders (test_scenes), or on the same renders encoded and decoded by
-    `vae`: {factor: mean_se} of its verdicts against the truth."""
+    `vae`: {factor: mean_se} of its verdicts against the truth, for `factors` (default: all)."""
     pictures = [im for *_, im in scenes]
     if vae is not None:
         with torch.no_grad():
@@ -491,7 +555,8 @@ def judge_accuracy(judge: Judge, scenes, vae=None) -> dict:
         pictures = [Image.fromarray(((p + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()) for p in y]
     verdicts = judge.read(pictures)
     return {f: cmdline.mean_se([float(v[f] == truth(inst, bg, obj_size, f))
-                                for v, (inst, bg, obj_size, _) in zip(verdicts, scenes)]) for f in CLIP_FACTORS}
+                                for v, (inst, bg, obj_size, _) in zip(verdicts, scenes)])
+            for f in factors or CLIP_FACTORS}
 
 
 # ----------------------------------------------------------------------------------------
@@ -913,7 +978,9 @@ def competence(out: str, n_per_class: int = 20, steps: int = 25, seed: int = 0, 
     miniature only if so)? Measured with the code the evaluation uses (sample.generate,
     evaluate.ClipMetric) and the judge:
       judge          its accuracy per factor on held-out renders of unseen instances, and on the
-                     same renders after the VAE (what generated pictures look like)
+                     same renders after the VAE (what generated pictures look like); class,
+                     background and size also on unseen instances restyled (restyled_renders:
+                     colours the world never uses, fatter or softer outlines), after the VAE
       clip_zero_shot each CLIP's zero-shot pick of each factor on those renders
       drawing        the text-to-image model: does the judge read each class, background and
                      size a prompt names in what it draws
@@ -927,7 +994,9 @@ def competence(out: str, n_per_class: int = 20, steps: int = 25, seed: int = 0, 
     judge = load_judge(os.path.join(out, "judge.pt"))
     scenes = test_scenes(n_renders)
     clips = {name: evaluate.ClipMetric("toy", device, os.path.join(out, name)) for name in ("clip-h", "clip-b")}
-    rep = {"judge": {"renders": judge_accuracy(judge, scenes), "after_vae": judge_accuracy(judge, scenes, comps.vae)},
+    restyled = [(inst, bg, z, im) for inst, bg, z, _, im in restyled_renders(test_instances(), n_renders, seed + 7)]
+    rep = {"judge": {"renders": judge_accuracy(judge, scenes), "after_vae": judge_accuracy(judge, scenes, comps.vae),
+                     "restyled_after_vae": judge_accuracy(judge, restyled, comps.vae, ("class", "background", "size"))},
            "clip_zero_shot": {name: clip_zero_shot(m.image_features, m.text_features, scenes)
                               for name, m in clips.items()},
            "drawing": drawing_accuracy(pipe, comps, judge, n_per_class, steps, seed, guidance=guidance),

@@ -3,6 +3,7 @@
 validation measurements computed by the code the README's numbers come from."""
 import dataclasses
 import json
+import math
 import os
 import shutil
 import random
@@ -216,7 +217,9 @@ def test_competence_is_measured_by_the_code_the_readme_reports(toy):
     out, cfg, _ = toy
     rep = json.load(open(os.path.join(out, "competence.json")))
     factors = {"class", "pattern", "colours", "background", "size"}
-    for scores in list(rep["judge"].values()) + list(rep["clip_zero_shot"].values()):
+    judge = dict(rep["judge"])
+    assert set(judge.pop("restyled_after_vae")) == {"class", "background", "size"}
+    for scores in list(judge.values()) + list(rep["clip_zero_shot"].values()):
         assert set(scores) == factors and all(s["n"] == cfg.competence_renders for s in scores.values())
     assert set(rep["clip_zero_shot"]) == {"clip-h", "clip-b"}
     assert set(rep["drawing"]) == set(toyworld.CLASSES) | {"all"}
@@ -453,3 +456,33 @@ def test_evaluate_scores_each_variant_with_the_judge(toy, tmp_path):
     assert s["nearest_changed"] == sum(c["start_token"] != c["nearest_words"][0][0] for c in per)
     assert s["v_shift"]["mean"] == pytest.approx(sum(c["v_shift"] for c in per) / 2) and s["v_shift"]["mean"] > 0
     assert "hard token changed by tuning" in table and "v*'s nearest word changed by tuning" in table
+
+
+def test_the_judge_also_learns_from_objects_drawn_in_other_colours_and_outlines():
+    """restyled_renders (a third of the judge's training, and a competence line): the world's
+    shapes in any colour at least 100 from the background, a third in one flat colour, with other
+    outlines; where the object is solid (the middle of a square), the picture wears the drawn
+    colour, not the palette's; and a fatter outline covers more of the picture."""
+    insts = [toyworld.Instance("square", "striped", "orange", "cyan", 0.3, 0.0)] * 30
+    scenes = toyworld.restyled_renders(insts, 30, seed=5)
+    again = toyworld.restyled_renders(insts, 30, seed=5)
+    assert [toyworld._u8(s[-1]).tolist() for s in scenes] == [toyworld._u8(s[-1]).tolist() for s in again]
+    assert 5 <= sum(flat for _, _, _, flat, _ in scenes) <= 15
+    palette = [toyworld.COLOURS[c] for c in toyworld.COLOURS]
+    off_palette = 0
+    for _, bg, size, flat, im in scenes:
+        x = toyworld._u8(im).float()
+        mid = x[:, 14:18, 14:18].reshape(3, -1).T  # inside the square, whatever its jitter
+        assert all(math.dist(p.tolist(), toyworld.BACKGROUNDS[bg]) >= 60 for p in mid)
+        if flat:
+            assert (mid.max(0).values - mid.min(0).values).max() <= 2  # one colour, no pattern
+        off_palette += all(math.dist(mid[0].tolist(), c) > 30 for c in palette)
+    assert off_palette >= 25
+    star = toyworld.Instance("star", "two-tone", "black", "black", 0.3, 0.0)
+
+    def covered(style):
+        im = toyworld._u8(toyworld.render(star, "white", "large", random.Random(1), style=style)).float()
+        return int(((im - 240).abs().sum(0) > 60).sum())
+
+    assert covered({}) < covered({"grow": 4}) < covered({"grow": 4, "scale": 1.2})
+    assert covered({"grow": -2}) < covered({})
