@@ -458,8 +458,9 @@ def restyled_renders(insts: list[Instance], n: int, seed: int) -> list[tuple]:
     Why: the text-to-image model never hears an instance's colours, so it draws objects in colours
     of its own (on green and blue mostly a flat pale yellow or white), and its large objects come
     out larger and fatter than the world's. A judge trained on the world's renders alone read the
-    class of those pictures from colour and thickness as much as from shape: a large star or cross
-    on green, plainly a star or a cross to the eye, was a "ring" or a "heart" 43 % of the time."""
+    class of those pictures from colour and thickness as much as from shape: the large objects it
+    drew on green when told the class word, each plainly that class to the eye, were read as
+    another class 43 % of the time (a star as a "ring", a cross as a "heart")."""
     rng = random.Random(seed)
     out = []
 
@@ -510,8 +511,8 @@ def stage_judge(out: str, steps: int, batch: int, seed: int, width: int = 16, n_
     n_restyled = min(n_restyled, len(images))
     restyled = restyled_renders(train_instances(), n_restyled, seed + 1)
     restyled_x = _through_vae(vae, torch.stack([_u8(im) for *_, im in restyled]), g, "restyled pictures")
-    restyled_t = judge_targets([{"background": bg, "size": z} for _, bg, z, _, _ in restyled], [r[0] for r in restyled],
-                            indexed=False)
+    restyled_t = judge_targets([{"background": bg, "size": z} for _, bg, z, _, _ in restyled],
+                               [inst for inst, *_ in restyled], indexed=False)
     restyled_patterned = torch.tensor([not flat for *_, flat, _ in restyled])
     torch.manual_seed(seed)
     judge = Judge(width)
