@@ -289,10 +289,12 @@ def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = Fa
 # The one-image baselines of Fig. 5a, tuned on the same augmented views as DATE.
 BASELINES = {
     # diffusers' textual_inversion example: 3000 steps at lr 5e-4 (its README), only v trained.
-    "textual_inversion": dict(steps=3000, lr=5e-4),
+    # Its batch: 1 image x 4 gradient-accumulation steps, i.e. 4 views a step.
+    "textual_inversion": dict(steps=3000, lr=5e-4, batch_size=4),
     # LoRA(-PTI): Sec. 5.1 quotes 2,000 steps; lr 1e-4 for the LoRA and 5e-4 for v are
-    # cloneofsimo/lora's PTI defaults (its learning_rate_unet / learning_rate_ti).
-    "lora": dict(steps=2000, lr=1e-4, lr_v=5e-4),
+    # cloneofsimo/lora's PTI defaults (its learning_rate_unet / learning_rate_ti); its PTI example
+    # trains on 1 image x 4 gradient-accumulation steps as well.
+    "lora": dict(steps=2000, lr=1e-4, lr_v=5e-4, batch_size=4),
 }
 
 
@@ -304,7 +306,7 @@ def init_embedding(comps, word: str) -> torch.Tensor:
     return comps.token_table.detach().float()[ids].mean(0, keepdim=True)
 
 
-def baseline_concept(comps, image, kind: str, init_word: str, *, steps: int, lr: float, batch_size: int = 16,
+def baseline_concept(comps, image, kind: str, init_word: str, *, steps: int, lr: float, batch_size: int = 4,
                      seed: int = 0, placeholder: str = model.PLACEHOLDER, log=print):
     """A one-image baseline of Fig. 5a as a concept file sample.py can use (alpha = 1: one path).
 

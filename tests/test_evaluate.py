@@ -128,7 +128,21 @@ def test_tune_settings_reach_the_tuning_and_the_cache_key():
     assert default["lr"] == tune.Config.lr and evaluate.variant_settings(cfg, "full")["lr"] == 0.02
 
 
-@pytest.mark.parametrize("case", ["empty_folder", "missing_prompts", "no_placeholder", "bad_variant", "bad_tune_lr"])
+def test_baselines_tune_at_their_references_batch_and_date_at_its_own():
+    """The one-image baselines train on 4 views a step (their references: 1 image x 4 accumulation
+    steps), the DATE variants on --batch-size (16); each flag reaches only its own variants and the
+    cache key, so a concept tuned at another batch is not reused."""
+    cfg = evaluate.Config(encoder="e.pt")
+    batches = [evaluate.variant_settings(cfg, v)["batch_size"] for v in ("full", "textual_inversion", "lora")]
+    assert batches == [16, 4, 4]
+    cfg = evaluate.Config(encoder="e.pt", batch_size=8, baseline_batch_size=2)
+    assert [evaluate.variant_settings(cfg, v)["batch_size"] for v in ("no_dual_path", "textual_inversion", "lora")] \
+        == [8, 2, 2]
+    assert evaluate.variant_config(cfg, "full", "x.png").batch_size == 8
+
+
+@pytest.mark.parametrize("case", ["empty_folder", "missing_prompts", "no_placeholder", "bad_variant", "bad_tune_lr",
+                                  "bad_baseline_batch"])
 def test_bad_input_exits_2_with_one_line(tmp_path, case, capsys):
     imgs, prompts = _eval_set(tmp_path)
     empty = tmp_path / "empty"
@@ -138,7 +152,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case, capsys):
             "missing_prompts": ["--images", str(imgs), "--prompts", str(tmp_path / "nope.txt")],
             "no_placeholder": ["--images", str(imgs), "--prompts", str(tmp_path / "plain.txt")],
             "bad_variant": ["--images", str(imgs), "--variants", "full,nonsense"],
-            "bad_tune_lr": ["--images", str(imgs), "--tune-lr", "0"]}[case]
+            "bad_tune_lr": ["--images", str(imgs), "--tune-lr", "0"],
+            "bad_baseline_batch": ["--images", str(imgs), "--baseline-batch-size", "0"]}[case]
     assert evaluate.cli(args + ["--preset", "tiny", "--encoder", "random", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("evaluate.py: error:")
@@ -151,7 +166,7 @@ def test_jobs_2_workers_give_the_numbers_and_pictures_of_one_thread(tmp_path):
     imgs, prompts = _eval_set(tmp_path)
     base = ["--images", str(imgs), "--prompts", str(prompts), "--preset", "tiny", "--encoder", "random",
             "--variants", "full,textual_inversion", "--num-images", "1", "--steps", "2", "--tune-steps", "1",
-            "--ti-steps", "2", "--batch-size", "2", "--device", "cpu"]
+            "--ti-steps", "2", "--batch-size", "2", "--baseline-batch-size", "2", "--device", "cpu"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

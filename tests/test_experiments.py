@@ -268,7 +268,8 @@ def test_paper_variants_end_to_end_with_times_and_both_fig5_panels(tmp_path):
     pretrain.main(nohyper)
     base = ["--images", str(imgs), "--prompts", str(tmp_path / "p.txt"), "--preset", "tiny", "--encoder", "random",
             "--variants", "paper", "--num-images", "1", "--steps", "1", "--tune-steps", "1", "--batch-size", "2",
-            "--ti-steps", "2", "--lora-steps", "2", "--out", str(tmp_path / "o"), "--device", "cpu"]
+            "--ti-steps", "2", "--lora-steps", "2", "--baseline-batch-size", "3", "--out", str(tmp_path / "o"),
+            "--device", "cpu"]
     assert evaluate.cli(base) == 2  # the no_hypernet variant needs its own encoder
     assert evaluate.cli(base + ["--no-hypernet-encoder", str(tmp_path / "nh" / "encoder.pt")]) == 0
     rep = json.loads((tmp_path / "o" / "metrics.json").read_text())
@@ -278,6 +279,9 @@ def test_paper_variants_end_to_end_with_times_and_both_fig5_panels(tmp_path):
     assert rep["variants"]["no_hypernet"]["dog_01"]["token"]  # tuned from the no-hypernet encoder
     c = model.load_concept(str(tmp_path / "o" / "concepts" / "no_hypernet" / "dog_01.pt"))
     assert c["tuning"]["encoder"] == str(tmp_path / "nh" / "encoder.pt") and c["tuning"]["hypernet"] is False
+    for variant, batch in (("full", 2), ("textual_inversion", 3), ("lora", 3)):  # each flag reaches its own variants
+        c = model.load_concept(str(tmp_path / "o" / "concepts" / variant / "dog_01.pt"))
+        assert c["tuning"]["batch_size"] == batch
     md = (tmp_path / "o" / "metrics.md").read_text()
     assert "| tuning time (s) |" in md and "| textual_inversion |" in md
     with Image.open(tmp_path / "o" / "tradeoff.png") as im:
