@@ -12,7 +12,8 @@ Variants
     Fig. 5b ablations (Sec. 5.4): full | no_tuning (0 steps) | no_dual_path (alpha = 1) |
         no_hypernet (an encoder pre-trained with --no-hypernet: --no-hypernet-encoder PATH) |
         lora_from_zero (the full encoder, its predicted LoRA replaced by a zero LoRA at tuning time)
-    Fig. 5a one-image baselines (Sec. 5.3): textual_inversion | lora
+    Fig. 5a one-image baselines (Sec. 5.3): textual_inversion | lora (--baseline-batch-size views a
+        step: 4, their references' 1 image x 4 accumulation steps; the DATE variants --batch-size 16)
     --variants paper runs all of them.
 
     python evaluate.py --images eval_set/ --prompts prompts.txt
@@ -94,7 +95,7 @@ class Config:
     tune_steps: int = 12  # tuning steps of the DATE variants that tune
     tune_lr: float = tune.Config.lr  # their learning rate (Sec. 5.1)
     lambda_anchor: float = tune.Config.lambda_anchor  # Sec. 4.4 anchor of the DATE variants that tune
-    hard_token: str = tune.Config.hard_token  # C_h's word while tuning: the encoder prediction's ("encoder") or v*'s
+    hard_token: str = tune.Config.hard_token  # C_h's word while tuning: "encoder" (the prediction's) or "tuned" (v*'s)
     batch_size: int = 16  # tuning batch (augmented views) of the DATE variants (Sec. 4.4: E4T's minimum of 16)
     # NOTE: until this, the baselines tuned at DATE's batch of 16. Their references train on 4 views
     # a step (1 image x 4 gradient-accumulation steps, both examples), and at 16 they took ~3x as long.

@@ -286,7 +286,7 @@ def tune_concept(comps, encoder, image, cfg: Config, release_backbone: bool = Fa
     return concept, stats
 
 
-# The one-image baselines of Fig. 5a, tuned on the same augmented views as DATE.
+# The one-image baselines of Fig. 5a, tuned through the same loop as DATE on their references' batch.
 BASELINES = {
     # diffusers' textual_inversion example: 3000 steps at lr 5e-4 (its README), only v trained.
     # Its batch: 1 image x 4 gradient-accumulation steps, i.e. 4 views a step.
@@ -306,15 +306,17 @@ def init_embedding(comps, word: str) -> torch.Tensor:
     return comps.token_table.detach().float()[ids].mean(0, keepdim=True)
 
 
-def baseline_concept(comps, image, kind: str, init_word: str, *, steps: int, lr: float, batch_size: int = 4,
+def baseline_concept(comps, image, kind: str, init_word: str, *, steps: int, lr: float, batch_size: int | None = None,
                      seed: int = 0, placeholder: str = model.PLACEHOLDER, log=print):
     """A one-image baseline of Fig. 5a as a concept file sample.py can use (alpha = 1: one path).
 
     kind "textual_inversion": only v, from the class noun's embedding (Gal et al. 2022).
     kind "lora": v from the noun plus a LoRA from zero on the same 96 projections (LoRA-PTI,
-    trained jointly here rather than in two phases). No anchor, no encoder.
+    trained jointly here rather than in two phases). No anchor, no encoder. batch_size: augmented
+    views a step (default: the reference's, BASELINES[kind]["batch_size"]).
     """
     t0 = time.perf_counter()
+    batch_size = BASELINES[kind]["batch_size"] if batch_size is None else batch_size
     latents = view_latents(comps, image, batch_size, seed + 2)
     v0 = init_embedding(comps, init_word)
     lora0 = lora_from_zero(comps, dualpath.lora_layer_names(comps.unet), seed + 1) if kind == "lora" else {}

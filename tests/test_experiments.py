@@ -256,6 +256,8 @@ def test_textual_inversion_trains_v_alone_from_the_class_noun(tiny):
     lora, _ = tune.baseline_concept(comps, img, "lora", "dog", steps=2, lr=1e-2, batch_size=2, log=lambda s: None)
     assert set(lora["lora_A"]) == set(names) and any(b.any() for b in lora["lora_B"].values())
     assert lora["tuning"]["lr_v"] == tune.BASELINES["lora"]["lr_v"]
+    default, _ = tune.baseline_concept(comps, img, "textual_inversion", "dog", steps=1, lr=1e-2, log=lambda s: None)
+    assert default["tuning"]["batch_size"] == tune.BASELINES["textual_inversion"]["batch_size"] == 4  # its reference's
 
 
 def test_paper_variants_end_to_end_with_times_and_both_fig5_panels(tmp_path):
