@@ -29,6 +29,7 @@ SD 1.5 (`--base DIR`, `--clip DIR`):
 
     python toyworld.py --out runs/toyworld                 # every stage; a re-run reuses finished ones
     python toyworld.py --out runs/toyworld --stage competence
+    python toyworld.py --benchmark        # would this machine build it in 45 min? (minutes; one JSON line)
     # then the paper, with the ordinary scripts (README, "The paper in miniature"):
     python pretrain.py --preset toy --data runs/toyworld/train --out runs/toy-date ...
 
@@ -306,6 +307,25 @@ def to_unit(images_u8: torch.Tensor) -> torch.Tensor:
 
 
 BAR_POSITION = 0  # the line of the terminal the progress bar of a stage uses (stages may run side by side)
+# --benchmark (see benchmark_report): while a stage runs, {"steps": timed training steps, "record":
+# what train_loop and data_pass measured}; None in an ordinary build.
+BENCH = None
+BENCH_FRACTION = 0.1  # --benchmark: the part of each pass over the world's pictures that runs (the rest is extrapolated)
+
+
+def data_pass(n: int, chunk: int):
+    """The starts of the chunks of a pass over n pictures (the judge's VAE round trips, the
+    t2i stage's latents). Under --benchmark only the first BENCH_FRACTION of them: the time
+    the others would take is extrapolated from theirs and recorded."""
+    starts = range(0, n, chunk)
+    if BENCH is None:
+        yield from starts
+        return
+    keep = max(1, round(len(starts) * BENCH_FRACTION))
+    t0 = time.perf_counter()
+    yield from starts[:keep]
+    rec = BENCH["record"]
+    rec["extrapolated_s"] = rec.get("extrapolated_s", 0.0) + (time.perf_counter() - t0) * (len(starts) / keep - 1)
 
 
 def train_loop(name: str, out: str, params, step_fn, steps: int, lr: float, state: dict, ckpt_every: int = 250):
@@ -318,6 +338,18 @@ def train_loop(name: str, out: str, params, step_fn, steps: int, lr: float, stat
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+
+    def one_step(step: int) -> torch.Tensor:
+        loss = step_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        return loss
+
+    if BENCH is not None:
+        return _benchmark_steps(one_step, step_fn, opt, steps)
     path = os.path.join(out, f"{name}.ckpt")
     step = 0
     ck = torch.load(path, weights_only=True) if os.path.isfile(path) else None
@@ -340,12 +372,7 @@ def train_loop(name: str, out: str, params, step_fn, steps: int, lr: float, stat
         step = ck["step"]
     bar = tqdm(total=steps, initial=step, desc=name, dynamic_ncols=True, position=BAR_POSITION)
     while step < steps:
-        loss = step_fn(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        loss = one_step(step)
         step += 1
         bar.update(1)
         if step % 25 == 0:
@@ -354,6 +381,26 @@ def train_loop(name: str, out: str, params, step_fn, steps: int, lr: float, stat
             cmdline.atomic_save({"state": {k: m.state_dict() for k, m in state.items()}, "opt": opt.state_dict(),
                                "sched": sched.state_dict(), "step": step, "steps": steps}, path)
     bar.close()
+
+
+def _benchmark_steps(one_step, step_fn, opt, steps: int):
+    """--benchmark's stand-in for a stage's training: one step's floating-point operations
+    counted (forward and backward: convolutions, matrix products, attention), one step to warm
+    up, BENCH["steps"] steps timed. Nothing is checkpointed; the stage then saves its barely
+    trained model, which the stages after it load as they would the real one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t0 = time.perf_counter()
+    with FlopCounterMode(display=False) as counter:
+        step_fn(0).backward()
+    opt.zero_grad(set_to_none=True)
+    one_step(1)
+    t1 = time.perf_counter()
+    for step in range(2, 2 + BENCH["steps"]):
+        one_step(step)
+    t2 = time.perf_counter()
+    BENCH["record"].update(steps=steps, gflop_per_step=counter.get_total_flops() / 1e9,
+                           s_per_step=(t2 - t1) / BENCH["steps"], loop_s=t2 - t0)
 
 
 # ----------------------------------------------------------------------------------------
@@ -483,10 +530,10 @@ def restyled_renders(insts: list[Instance], n: int, seed: int) -> list[tuple]:
 
 def _through_vae(vae, images_u8: torch.Tensor, g: torch.Generator, what: str) -> torch.Tensor:
     """uint8 pictures encoded, sampled and decoded by the toy VAE (what generated pictures come out of)."""
-    decoded = torch.empty_like(images_u8)
+    decoded = torch.zeros_like(images_u8)
     with torch.no_grad():
-        for i in tqdm(range(0, len(images_u8), 500), desc=f"judge: {what} through the VAE", dynamic_ncols=True,
-                      position=BAR_POSITION):
+        for i in tqdm(data_pass(len(images_u8), 500), desc=f"judge: {what} through the VAE", dynamic_ncols=True,
+                      total=-(-len(images_u8) // 500), position=BAR_POSITION):
             x = to_unit(images_u8[i:i + 500])
             y = vae.decode(vae.encode(x).latent_dist.sample(generator=g)).sample
             decoded[i:i + 500] = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -828,12 +875,13 @@ def stage_t2i(out: str, steps: int, batch: int, seed: int, detail_rate: float = 
     latents_path = os.path.join(out, "latents.pt")
     if not os.path.isfile(latents_path):  # the VAE is frozen: encode the world once
         with torch.no_grad():
-            mu, sd = [], []
-            for i in tqdm(range(0, len(images), 256), desc="latents", dynamic_ncols=True):
+            mu = torch.zeros(len(images), vae.config.latent_channels, SIZE // 2, SIZE // 2)
+            sd = torch.zeros_like(mu)
+            for i in tqdm(data_pass(len(images), 256), desc="latents", dynamic_ncols=True,
+                          total=-(-len(images) // 256)):
                 d = vae.encode(to_unit(images[i:i + 256])).latent_dist
-                mu.append(d.mean)
-                sd.append(d.std)
-        cmdline.atomic_save({"mean": torch.cat(mu), "std": torch.cat(sd)}, latents_path)
+                mu[i:i + 256], sd[i:i + 256] = d.mean, d.std
+        cmdline.atomic_save({"mean": mu, "std": sd}, latents_path)
     lat = torch.load(latents_path, weights_only=True)
     scale = vae.config.scaling_factor
     tokenizer = model.build_tokenizer()
@@ -1081,6 +1129,13 @@ class Config:
     competence_guidance: float = 12.0  # classifier-free guidance of those pictures (the toy evaluation's too)
     competence_renders: int = 240  # held-out renders for the judge's and the CLIPs' competence
     seed: int = 0  # fixes the world, every model's initialisation and every batch
+    # The world's budget is 45 min on 2 cores; --benchmark says in a few minutes whether this
+    # machine meets it. It builds the world as above but in a temporary folder (deleted after;
+    # --out is not touched), each training stage for a few timed steps, the passes over the
+    # pictures for a tenth, the competence check in full, and prints one JSON line: each stage's
+    # work (GFLOP a step), seconds a step, predicted seconds, and the build predicted from them.
+    benchmark: bool = False  # predict this machine's build time instead of building (one JSON line)
+    benchmark_steps: int = 10  # --benchmark: timed steps of each training stage
 
 
 def done(out: str, stage: str) -> bool:
@@ -1092,19 +1147,23 @@ def done(out: str, stage: str) -> bool:
             "competence": os.path.isfile(os.path.join(out, "competence.json"))}[stage]
 
 
-def run_stage(cfg: Config, stage: str) -> float:
-    """Run one stage, on one thread; its wall-clock seconds.
+def run_stage(cfg: Config, stage: str) -> float | dict:
+    """Run one stage, on one thread; its wall-clock seconds (--benchmark: what was measured).
 
     One thread whatever --jobs is: float sums come out in another order on two threads, so the
     same --seed would otherwise give other weights with --jobs 1 than with --jobs 2 (and on
     machines with other core counts). These models are small enough that a second thread is
     only half busy (see PLAN)."""
+    global BENCH
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    BENCH = {"steps": cfg.benchmark_steps, "record": {}} if cfg.benchmark else None
     try:
-        return _run_stage(cfg, stage)
+        seconds = _run_stage(cfg, stage)
+        return {"wall_s": seconds, **BENCH["record"]} if BENCH is not None else seconds
     finally:
         torch.set_num_threads(threads)
+        BENCH = None
 
 
 def _run_stage(cfg: Config, stage: str) -> float:
@@ -1130,10 +1189,11 @@ def _run_stage(cfg: Config, stage: str) -> float:
                 json.dump(rep, f, indent=2)
 
         cmdline.atomic_write(os.path.join(cfg.out, "competence.json"), write)
-        print(json.dumps(rep))
-    seconds = round(time.time() - t0, 1)
-    print(f"toyworld.py: {stage}: {seconds} s", file=sys.stderr)
-    return seconds
+        if not cfg.benchmark:  # (--benchmark's one line is its own report)
+            print(json.dumps(rep))
+    seconds = time.time() - t0
+    print(f"toyworld.py: {stage}: {seconds:.1f} s", file=sys.stderr)
+    return round(seconds, 1)
 
 
 def _lane(cfg: Config, stages: list[str], position: int, results, abort):
@@ -1152,6 +1212,22 @@ def _lane(cfg: Config, stages: list[str], position: int, results, abort):
 
 
 def main(cfg: Config):
+    if cfg.benchmark:
+        import tempfile
+
+        t0 = time.time()
+        with tempfile.TemporaryDirectory(prefix="toyworld-benchmark-") as tmp:
+            measured = build(dataclasses.replace(cfg, out=tmp))
+        report = benchmark_report(cfg, measured, time.time() - t0)
+        print(f"toyworld.py: benchmark: the build would take {report['predicted_min']} min on this machine "
+              f"(budget {report['budget_min']}); measured in {report['benchmark_s'] / 60:.1f} min", file=sys.stderr)
+        print(json.dumps(report))
+        return report
+    return build(cfg)
+
+
+def build(cfg: Config):
+    """Every stage of PLAN that is not done (or --stage's one); each stage's seconds."""
     os.makedirs(cfg.out, exist_ok=True)
     if cfg.stage != "all":  # one stage, run again even if it is done
         return {cfg.stage: run_stage(cfg, cfg.stage)}
@@ -1190,11 +1266,73 @@ def main(cfg: Config):
     return {s: times[s] for s in STAGES if s in times}
 
 
+def schedule(seconds: dict, jobs: int) -> tuple[float, dict]:
+    """When each stage would end (seconds from the start) if they took `seconds`, run as build()
+    runs them: PLAN's steps one after the other; within a step, with jobs >= 2, its lanes side by
+    side, each stage starting when its lane is free and the stages it NEEDS have ended."""
+    now, end = 0.0, {}
+    for lanes in PLAN:
+        if jobs < 2:
+            lanes = (tuple(s for lane in lanes for s in lane),)
+        free, todo = [now] * len(lanes), [list(lane) for lane in lanes]
+        while any(todo):
+            ready = [k for k, lane in enumerate(todo) if lane and all(n in end for n in NEEDS.get(lane[0], ()))]
+            if not ready:
+                raise ValueError("PLAN has a stage waiting for one that never runs before it")
+            for k in ready:
+                s = todo[k].pop(0)
+                end[s] = max([free[k]] + [end[n] for n in NEEDS.get(s, ())]) + seconds[s]
+                free[k] = end[s]
+        now = max(free)
+    return now, end
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux), or what the platform says."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def benchmark_report(cfg: Config, measured: dict, benchmark_s: float) -> dict:
+    """--benchmark's JSON: each stage's prediction (a training stage: its steps x the seconds a
+    timed step took, plus the rest of the stage as measured, a pass over the pictures
+    extrapolated from its first tenth), and the build's, scheduled as build() schedules it."""
+    stages = {}
+    for s in STAGES:
+        r = measured[s]
+        row = {"measured_s": round(r["wall_s"], 1)}
+        other = r["wall_s"] + r.get("extrapolated_s", 0.0)
+        if "s_per_step" in r:
+            other -= r["loop_s"]
+            row.update(steps=r["steps"], gflop_per_step=round(r["gflop_per_step"], 3),
+                       s_per_step=round(r["s_per_step"], 4),
+                       gflop_per_s=round(r["gflop_per_step"] / r["s_per_step"], 1),
+                       training_s=round(r["s_per_step"] * r["steps"], 1))
+        row["other_s"] = round(other, 1)
+        row["predicted_s"] = round(other + row.get("training_s", 0.0), 1)
+        stages[s] = row
+    total, end = schedule({s: row["predicted_s"] for s, row in stages.items()}, cfg.jobs)
+    return {"what": "toyworld", "cpu": cpu_name(), "cores": os.cpu_count(),
+            "jobs": cfg.jobs, "stages": stages, "ends_s": {s: round(t, 1) for s, t in end.items()},
+            "tflop": round(sum(r.get("gflop_per_step", 0) * r.get("steps", 0) for r in stages.values()) / 1e3, 1),
+            "predicted_min": round(total / 60, 1), "budget_min": 45, "within_budget": total <= 45 * 60,
+            "benchmark_s": round(benchmark_s, 1)}
+
+
 def parse_args(argv=None) -> Config:
     p = cmdline.config_parser(Config, __doc__.split("\n\n")[0].strip(), choices={"stage": STAGES + ("all",)})
     cfg = Config(**vars(p.parse_args(argv)))
     if not 0 <= cfg.t2i_detail_rate <= 1:
         p.error(f"--t2i-detail-rate must be a fraction between 0 and 1, got {cfg.t2i_detail_rate}")
+    if cfg.benchmark and cfg.stage != "all":
+        p.error("--benchmark times every stage: leave out --stage")
+    if cfg.benchmark_steps < 1:
+        p.error(f"--benchmark-steps must be at least 1, got {cfg.benchmark_steps}")
     if cfg.judge_width <= 0 or cfg.judge_width % 8:
         p.error(f"--judge-width must be a positive multiple of 8 (its GroupNorm has 8 groups), got {cfg.judge_width}")
     return cfg

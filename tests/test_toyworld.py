@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import random
+import time
 
 import open_clip
 import pytest
@@ -486,3 +487,52 @@ def test_the_judge_also_learns_from_objects_drawn_in_other_colours_and_outlines(
 
     assert covered({}) < covered({"grow": 4}) < covered({"grow": 4, "scale": 1.2})
     assert covered({"grow": -2}) < covered({})
+
+
+def test_schedule_runs_the_lanes_side_by_side_and_a_stage_after_what_it_needs():
+    """The build's time from its stages' times, as build() runs them: world, then the two lanes
+    side by side (t2i starts when clip-l, in its lane, and the VAE, in the other, have ended),
+    then competence; --jobs 1 adds them all up."""
+    secs = {"world": 1, "vae": 10, "judge": 5, "clip-h": 5, "clip-b": 5, "clip-l": 20, "t2i": 30, "competence": 2}
+    total, end = toyworld.schedule(secs, jobs=2)
+    assert (end["clip-b"], end["clip-l"], end["t2i"], total) == (26, 21, 51, 53)
+    total, end = toyworld.schedule({**secs, "vae": 30}, jobs=2)
+    assert (end["clip-b"], end["t2i"], total) == (46, 61, 63)  # t2i waited for the VAE
+    total, end = toyworld.schedule(secs, jobs=1)
+    assert total == sum(secs.values()) == 78
+
+
+def test_data_pass_runs_a_tenth_under_benchmark_and_extrapolates_the_rest(monkeypatch):
+    assert list(toyworld.data_pass(2_000, 100)) == list(range(0, 2_000, 100))
+    monkeypatch.setattr(toyworld, "BENCH", {"steps": 1, "record": {}})
+    done = []
+    for i in toyworld.data_pass(2_000, 100):  # 20 chunks: the first 2 run
+        time.sleep(0.05)
+        done.append(i)
+    assert done == [0, 100]
+    # 0.1 s for 2 chunks: the other 18 would take 0.9 s
+    assert 0.85 <= toyworld.BENCH["record"]["extrapolated_s"] < 1.5
+
+
+def test_benchmark_predicts_the_build_from_a_few_timed_steps_and_leaves_nothing(tmp_path, capsys):
+    out = tmp_path / "not-made"
+    cfg = toyworld.Config(out=str(out), n_train=64, vae_steps=300, clip_steps=7, metric_clip_steps=9,
+                          text_clip_steps=11, t2i_steps=13, batch_size=4, clip_batch_size=8, judge_steps=5,
+                          judge_batch_size=4, competence_per_class=1, competence_steps=2, competence_renders=8,
+                          jobs=1, benchmark=True, benchmark_steps=1)
+    rep = toyworld.main(cfg)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == rep
+    assert not out.exists()  # built in a temporary folder, not in --out
+    steps = {"vae": 300, "judge": 5, "clip-h": 7, "clip-b": 9, "clip-l": 11, "t2i": 13}
+    assert set(rep["stages"]) == set(toyworld.STAGES)
+    for s, row in rep["stages"].items():
+        assert row["predicted_s"] == pytest.approx(row["other_s"] + row.get("training_s", 0), abs=0.11)
+        if s in steps:  # a training stage: predicted from its timed steps, not from what it ran
+            assert row["steps"] == steps[s] and row["gflop_per_step"] > 0 and row["s_per_step"] > 0
+            assert row["training_s"] == pytest.approx(row["s_per_step"] * steps[s], abs=0.06)
+    assert rep["stages"]["vae"]["predicted_s"] > rep["stages"]["vae"]["measured_s"]  # 300 steps, 3 run
+    total, _ = toyworld.schedule({s: r["predicted_s"] for s, r in rep["stages"].items()}, jobs=1)
+    assert rep["predicted_min"] == round(total / 60, 1)
+    assert rep["within_budget"] == (total <= 45 * 60)
+    with pytest.raises(cmdline.UserError, match="--benchmark times every stage"):
+        toyworld.parse_args(["--benchmark", "--stage", "vae"])
