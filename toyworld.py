@@ -310,7 +310,7 @@ BAR_POSITION = 0  # the line of the terminal the progress bar of a stage uses (s
 # --benchmark (see benchmark_report): while a stage runs, {"steps": timed training steps, "record":
 # what train_loop and data_pass measured}; None in an ordinary build.
 BENCH = None
-BENCH_FRACTION = 0.1  # --benchmark: the part of each pass over the world's pictures that runs (the rest is extrapolated)
+BENCH_FRACTION = 0.1  # --benchmark: the part of each pass over the world's pictures that runs (the rest: extrapolated)
 
 
 def data_pass(n: int, chunk: int):
