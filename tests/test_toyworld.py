@@ -533,6 +533,7 @@ def test_benchmark_predicts_the_build_from_a_few_timed_steps_and_leaves_nothing(
     assert rep["stages"]["vae"]["predicted_s"] > rep["stages"]["vae"]["measured_s"]  # 300 steps, 3 run
     total, _ = toyworld.schedule({s: r["predicted_s"] for s, r in rep["stages"].items()}, jobs=1)
     assert rep["predicted_min"] == round(total / 60, 1)
+    assert rep["budget_min"] == toyworld.BUDGET_MIN == 45
     assert rep["within_budget"] == (total <= 45 * 60)
     with pytest.raises(cmdline.UserError, match="--benchmark times every stage"):
         toyworld.parse_args(["--benchmark", "--stage", "vae"])
