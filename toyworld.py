@@ -42,6 +42,7 @@ t2i (the UNet), competence (does every model know every attribute: competence.js
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -162,7 +163,20 @@ def _shape_mask(cls: str, cx: float, cy: float, r: float, size: int) -> Image.Im
 def _pattern(inst: Instance, size: int, rgb: tuple | None = None) -> Image.Image:
     """The instance's fill: its pattern in its two colours (or in the two RGB colours `rgb`), at
     its scale and angle (the same whatever the object's size, as a real object's texture)."""
-    c1, c2 = rgb or (COLOURS[inst.colour1], COLOURS[inst.colour2])
+    if rgb is None:  # the fill does not depend on the class: drawn once for a twin of each class
+        return _own_pattern(dataclasses.replace(inst, cls=CLASSES[0]), size)
+    return _draw_pattern(inst, size, rgb)
+
+
+@functools.lru_cache(maxsize=4096)
+def _own_pattern(inst: Instance, size: int) -> Image.Image:
+    # The CLIPs render 64 new pictures a step, a third of them six classes of one fill
+    # (clip_twins); drawing the fill was 60 % of a picture's time (render() only pastes it).
+    return _draw_pattern(inst, size, (COLOURS[inst.colour1], COLOURS[inst.colour2]))
+
+
+def _draw_pattern(inst: Instance, size: int, rgb: tuple) -> Image.Image:
+    c1, c2 = rgb
     big = int(size * 1.5)
     im = Image.new("RGB", (big, big), c1)
     d = ImageDraw.Draw(im)
@@ -329,14 +343,17 @@ def data_pass(n: int, chunk: int):
     rec["extrapolated_s"] = rec.get("extrapolated_s", 0.0) + (time.perf_counter() - t0) * (len(starts) / keep - 1)
 
 
-def train_loop(name: str, out: str, params, step_fn, steps: int, lr: float, state: dict, ckpt_every: int = 250):
+def train_loop(name: str, out: str, params, step_fn, steps: int, lr: float, state: dict, ckpt_every: int = 250,
+               fused: bool = False):
     """AdamW with a short warm-up and cosine decay; checkpoints `state` (modules) to
     OUT/NAME.ckpt every ckpt_every steps and resumes from it -- only if that checkpoint belongs
     to a run of the same length: the cosine's period is the length, so continuing a 1,000-step
     run to 2,500 steps would restart the decayed learning rate at 65 % of its peak (a warm
     restart nobody asked for) -- and of the same shapes (a judge of another width). From any
-    other checkpoint the stage starts over (and replaces it)."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    other checkpoint the stage starts over (and replaces it). fused: torch's one-kernel AdamW (the
+    same update up to rounding); the CLIPs' 49,408-row token tables make the usual one a fifth of
+    their step."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
 
@@ -408,18 +425,21 @@ def _benchmark_steps(one_step, steps: int):
 # Stage "vae": an AutoencoderKL that halves the resolution (32 x 32 x 3 -> 16 x 16 x 4)
 
 
-def build_vae():
+def build_vae(width: int = 64):
+    """width: the channels at 16 x 16 (32 at 32 x 32). The decoder's upsampling convolution runs at
+    32 x 32 with `width` channels, and the middle block's four at 16 x 16: 32 costs 20 GFLOP a
+    training step (batch 32) against 46 at 64."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, latent_channels=4,
+                         block_out_channels=(32, width), layers_per_block=1, norm_num_groups=16, latent_channels=4,
                          sample_size=SIZE, mid_block_add_attention=False)
 
 
-def stage_vae(out: str, steps: int, batch: int, seed: int):
+def stage_vae(out: str, steps: int, batch: int, seed: int, width: int = 64, fast: bool = False):
     images, _, _ = load_world(out)
     torch.manual_seed(seed)
-    vae = build_vae()
+    vae = build_vae(width)
 
     def step_fn(step):
         g = torch.Generator().manual_seed(seed * 100_003 + step)
@@ -429,7 +449,7 @@ def stage_vae(out: str, steps: int, batch: int, seed: int):
         kl = post.kl().mean() / x[0].numel()
         return F.mse_loss(rec, x) + 1e-4 * kl  # reconstruction, and a small KL as in SD's VAE
 
-    train_loop("vae", out, list(vae.parameters()), step_fn, steps, 1e-3, {"vae": vae})
+    train_loop("vae", out, list(vae.parameters()), step_fn, steps, 1e-3, {"vae": vae}, fused=fast)
     # SD's convention: latents are scaled to unit variance (SD 1.5: 0.18215).
     with torch.no_grad():
         z = vae.encode(to_unit(images[:512])).latent_dist.mean
@@ -542,7 +562,7 @@ def _through_vae(vae, images_u8: torch.Tensor, g: torch.Generator, what: str) ->
 
 
 def stage_judge(out: str, steps: int, batch: int, seed: int, width: int = 16, n_decoded: int = 5_000,
-                n_restyled: int = 5_000):
+                n_restyled: int = 5_000, fast: bool = False):
     """Train the judge and save OUT/judge.pt. Every batch is a third the world's pictures, a third
     the same pictures as the toy VAE gives them back (encoded, sampled, decoded: generated pictures
     come out of that decoder), and a third training instances restyled (restyled_renders: other
@@ -582,7 +602,7 @@ def stage_judge(out: str, steps: int, batch: int, seed: int, width: int = 16, n_
         palette = torch.cat([targets["colours"][idx[0]], targets["colours"][idx[1]]])
         return loss + F.binary_cross_entropy_with_logits(logits["colours"][:2 * third], palette)
 
-    train_loop("judge", out, list(judge.parameters()), step_fn, steps, 2e-3, {"judge": judge})
+    train_loop("judge", out, list(judge.parameters()), step_fn, steps, 2e-3, {"judge": judge}, fused=fast)
     cmdline.atomic_save({"judge": judge.state_dict(), "width": width}, os.path.join(out, "judge.pt"))
 
 
@@ -715,7 +735,23 @@ def clip_images(images_u8: torch.Tensor) -> torch.Tensor:
     return (x - torch.tensor(model.CLIP_MEAN)[:, None, None]) / torch.tensor(model.CLIP_STD)[:, None, None]
 
 
-def stage_clip(name: str, out: str, steps: int, batch: int, seed: int):
+def encode_captions(clip, ids: torch.Tensor) -> torch.Tensor:
+    """open_clip's CLIP.encode_text (unnormalised), reading the tokens only up to the batch's
+    longest caption instead of the whole context (77 for clip-l, whose tower must read what SD
+    1.5's reads; 32 for the others). The same function: the text tower is causal and pools at the
+    end-of-text token, so what comes after it in the context changes neither the embedding nor
+    any gradient. The captions are about 20 tokens: this halved clip-l's training step."""
+    from open_clip.transformer import text_global_pool
+
+    n = int(ids.ne(0).sum(1).max())  # open_clip pads with 0
+    ids = ids[:, :n]
+    x = clip.token_embedding(ids) + clip.positional_embedding[:n]
+    x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:n, :n]))
+    return text_global_pool(x, ids, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None)) @ \
+        clip.text_projection
+
+
+def stage_clip(name: str, out: str, steps: int, batch: int, seed: int, fast: bool = False):
     import open_clip
 
     insts, unseen = train_instances(), unseen_combinations()
@@ -737,7 +773,8 @@ def stage_clip(name: str, out: str, steps: int, batch: int, seed: int):
                               in scenes])
         emb = clip.encode_image(clip_images(pixels))
         img = F.normalize(emb, dim=-1)
-        txt = F.normalize(clip.encode_text(tokenizer(texts, context_length=clip.context_length)), dim=-1)
+        ids = tokenizer(texts, context_length=clip.context_length)
+        txt = F.normalize(encode_captions(clip, ids) if fast else clip.encode_text(ids), dim=-1)
         logits = clip.logit_scale.exp() * img @ txt.T
         # Identical captions in a batch are not negatives of each other.
         same = torch.tensor([[a == b for b in texts] for a in texts])
@@ -754,7 +791,7 @@ def stage_clip(name: str, out: str, steps: int, batch: int, seed: int):
         return loss + aux + F.binary_cross_entropy_with_logits(heads["colours"](emb), labels["colours"])
 
     train_loop(name, out, list(clip.parameters()) + list(heads.parameters()), step_fn, steps, 1e-3,
-               {"clip": clip, "heads": heads})
+               {"clip": clip, "heads": heads}, fused=fast)
     folder = os.path.join(out, name)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
@@ -830,7 +867,7 @@ def clip_zero_shot(image_features, text_features, scenes) -> dict:
 # Stage "t2i": text encoder + UNet, trained together on the VAE's latents
 
 
-def build_unet():
+def build_unet(width: int = 64):
     from diffusers import UNet2DConditionModel
 
     # Three levels (16, 8, 4 px of the 16 x 16 latent), cross-attention at 8 x 8 and 4 x 4 only:
@@ -842,7 +879,7 @@ def build_unet():
         sample_size=SIZE // 2, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+        block_out_channels=(32, width, width), layers_per_block=1, norm_num_groups=16,
         cross_attention_dim=64, attention_head_dim=4,
     )
 
@@ -863,7 +900,8 @@ def caption_token_ids(tokenizer, details: bool = False) -> set[int]:
     return ids
 
 
-def stage_t2i(out: str, steps: int, batch: int, seed: int, detail_rate: float = 0.0):
+def stage_t2i(out: str, steps: int, batch: int, seed: int, detail_rate: float = 0.0, width: int = 64,
+              fast: bool = False):
     """The UNet, trained on the VAE's latents with captions encoded by the frozen text encoder
     (the text tower of OUT/clip-l, as SD 1.5's is OpenAI CLIP's): class and context named, the
     instance never -- or, with detail_rate > 0, that fraction of the captions also names the
@@ -912,7 +950,7 @@ def stage_t2i(out: str, steps: int, batch: int, seed: int, detail_rate: float = 
                 hidden[caption] = text_encoder(ids).last_hidden_state[0]
         return hidden[caption]
     torch.manual_seed(seed)
-    unet = build_unet()
+    unet = build_unet(width)
 
     def step_fn(step):
         rng = random.Random(seed * 100_003 + step)
@@ -933,7 +971,7 @@ def stage_t2i(out: str, steps: int, batch: int, seed: int, detail_rate: float = 
         pred = unet(z_t, t, encoder_hidden_states=torch.stack(rows)).sample
         return F.mse_loss(pred, target)
 
-    train_loop("t2i", out, list(unet.parameters()), step_fn, steps, 5e-4, {"unet": unet})
+    train_loop("t2i", out, list(unet.parameters()), step_fn, steps, 5e-4, {"unet": unet}, fused=fast)
     sd = os.path.join(out, "sd")
     unet.save_pretrained(os.path.join(sd, "unet"))
     text_encoder.save_pretrained(os.path.join(sd, "text_encoder"))
@@ -1085,12 +1123,17 @@ STAGES = ("world", "vae", "judge", "clip-l", "clip-h", "clip-b", "t2i", "compete
 # each (a model this small keeps a second thread only half busy; measured here: t2i 2.6 steps/s
 # on one thread, 3.2-4 on two); --jobs 1 now runs them one after the other on one thread.
 # The text-to-image model needs the VAE and clip-l's text tower; the judge needs the VAE (NEEDS):
-# a lane waits before a stage until the stages it needs are done, in whichever lane they ran. So
-# the middle step's lanes take about as long as each other (world 1, one thread each: vae 9 +
-# judge 8 + clip-h 6.5 + clip-b 8.5 min beside clip-l 11 + t2i 23 min), and t2i starts as soon as
-# clip-l is done (the VAE finishes first). A barrier after vae | clip-l instead left the VAE's
-# lane idle ~3 min, and with clip-b at 4,000 steps made the CLIPs' lane the longer one.
-PLAN = ((("world",),), (("vae", "judge", "clip-h", "clip-b"), ("clip-l", "t2i")), (("competence",),))
+# a lane waits before a stage until the stages it needs are done, in whichever lane they ran. The
+# VAE and the t2i stage, which trains on the VAE's latents, are the longest chain of the build, so
+# they have a lane of their own; the CLIPs and the judge share the other, clip-l first (the t2i
+# stage waits for it) and the judge last (it waits for the VAE). By --benchmark's stage times on
+# the slower 2-core CPU, the documented world's lanes take 69 (vae 19 + t2i 50) and 65 min, and a
+# world built with the speed-ups and cuts of docs/miniature.md (--fast-training, the VAE at width
+# 32 and 1,200 steps, the UNet at 48 and 3,000 steps, the judge at 24) 48 and 47 min; the plan
+# before this one (vae, judge, clip-h, clip-b beside clip-l, t2i) gave that world's lanes 53 and
+# 48 min, its t2i lane idle 6 min waiting for the VAE. The lanes' order changes no model's bits:
+# every stage runs on one thread from its own seed.
+PLAN = ((("world",),), (("vae", "t2i"), ("clip-l", "clip-h", "clip-b", "judge")), (("competence",),))
 NEEDS = {"vae": ("world",), "judge": ("vae",), "t2i": ("vae", "clip-l")}
 
 
@@ -1117,6 +1160,12 @@ class Config:
     # them cannot be told an instance in words (docs/miniature.md). It changes the t2i stage
     # only: to rebuild a world's with another rate, delete OUT/t2i.ckpt and OUT/sd/model_index.json.
     t2i_detail_rate: float = 0.0
+    vae_width: int = 64  # the VAE's channels at 16 x 16 (32 at 32 x 32); 32 halves its time a step
+    unet_width: int = 64  # the UNet's channels at 8 x 8 and 4 x 4 (32 at 16 x 16); 48: a quarter less time a step
+    # NOTE: off by default so that a build reproduces the worlds the README's numbers were measured
+    # on, bit for bit; on, the same training up to rounding (so every weight differs after a few
+    # hundred steps), and a clip-l step takes less than half as long, a clip-h step a quarter less.
+    fast_training: bool = False  # fused AdamW, and the CLIPs' text towers read their captions up to their last token
     batch_size: int = 32  # training batch of the VAE and the text-to-image model
     clip_batch_size: int = 64  # training batch of the CLIPs (contrastive: more negatives)
     judge_steps: int = 2_000  # steps of the ground-truth judge
@@ -1172,15 +1221,17 @@ def _run_stage(cfg: Config, stage: str) -> float:
     if stage == "world":
         stage_world(cfg.out, cfg.n_train, cfg.seed)
     elif stage == "vae":
-        stage_vae(cfg.out, cfg.vae_steps, cfg.batch_size, cfg.seed)
+        stage_vae(cfg.out, cfg.vae_steps, cfg.batch_size, cfg.seed, cfg.vae_width, cfg.fast_training)
     elif stage == "judge":
-        stage_judge(cfg.out, cfg.judge_steps, cfg.judge_batch_size, cfg.seed + 3, cfg.judge_width)
+        stage_judge(cfg.out, cfg.judge_steps, cfg.judge_batch_size, cfg.seed + 3, cfg.judge_width,
+                    fast=cfg.fast_training)
     elif stage in CLIP_CONFIGS:
         steps = {"clip-h": cfg.clip_steps, "clip-b": cfg.metric_clip_steps, "clip-l": cfg.text_clip_steps}[stage]
         seed = cfg.seed + {"clip-h": 1, "clip-b": 2, "clip-l": 4}[stage]
-        stage_clip(stage, cfg.out, steps, cfg.clip_batch_size, seed)
+        stage_clip(stage, cfg.out, steps, cfg.clip_batch_size, seed, cfg.fast_training)
     elif stage == "t2i":
-        stage_t2i(cfg.out, cfg.t2i_steps, cfg.batch_size, cfg.seed, cfg.t2i_detail_rate)
+        stage_t2i(cfg.out, cfg.t2i_steps, cfg.batch_size, cfg.seed, cfg.t2i_detail_rate, cfg.unet_width,
+                  cfg.fast_training)
     else:
         rep = competence(cfg.out, cfg.competence_per_class, cfg.competence_steps, cfg.seed, cfg.competence_renders,
                          guidance=cfg.competence_guidance)
@@ -1239,7 +1290,7 @@ def build(cfg: Config):
         todo = [[s for s in lane if not done(cfg.out, s)] for lane in lanes]
         todo = [lane for lane in todo if lane]
         if cfg.jobs < 2 or len(todo) < 2:
-            times.update({s: run_stage(cfg, s) for lane in todo for s in lane})
+            times.update({s: run_stage(cfg, s) for s in in_order(todo)})
             continue
         import multiprocessing
 
@@ -1267,6 +1318,19 @@ def build(cfg: Config):
     return {s: times[s] for s in STAGES if s in times}
 
 
+def in_order(lanes) -> list[str]:
+    """A step's lanes as one sequence (--jobs 1): each lane's stages in their order, a stage taken
+    from the first lane whose next stage needs nothing still to run (NEEDS)."""
+    todo, order = [list(lane) for lane in lanes], []
+    while any(todo):
+        waiting = {s for lane in todo for s in lane}
+        ready = [lane for lane in todo if lane and not waiting & set(NEEDS.get(lane[0], ()))]
+        if not ready:
+            raise ValueError("PLAN has a stage waiting for one that never runs before it")
+        order.append(ready[0].pop(0))
+    return order
+
+
 def schedule(seconds: dict, jobs: int) -> tuple[float, dict]:
     """When each stage would end (seconds from the start) if they took `seconds`, run as build()
     runs them: PLAN's steps one after the other; within a step, with jobs >= 2, its lanes side by
@@ -1274,7 +1338,7 @@ def schedule(seconds: dict, jobs: int) -> tuple[float, dict]:
     now, end = 0.0, {}
     for lanes in PLAN:
         if jobs < 2:
-            lanes = (tuple(s for lane in lanes for s in lane),)
+            lanes = (tuple(in_order(lanes)),)
         free, todo = [now] * len(lanes), [list(lane) for lane in lanes]
         while any(todo):
             ready = [k for k, lane in enumerate(todo) if lane and all(n in end for n in NEEDS.get(lane[0], ()))]
@@ -1335,6 +1399,10 @@ def parse_args(argv=None) -> Config:
         p.error("--benchmark times every stage: leave out --stage")
     if cfg.benchmark_steps < 1:
         p.error(f"--benchmark-steps must be at least 1, got {cfg.benchmark_steps}")
+    for name in ("vae_width", "unet_width"):
+        if getattr(cfg, name) <= 0 or getattr(cfg, name) % 16:
+            p.error(f"--{name.replace('_', '-')} must be a positive multiple of 16 (GroupNorm's 16 groups), "
+                    f"got {getattr(cfg, name)}")
     if cfg.judge_width <= 0 or cfg.judge_width % 8:
         p.error(f"--judge-width must be a positive multiple of 8 (its GroupNorm has 8 groups), got {cfg.judge_width}")
     return cfg

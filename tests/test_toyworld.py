@@ -98,6 +98,74 @@ def test_judge_width_sets_the_judges_channels(toy, tmp_path):
         toyworld.parse_args(["--judge-width", "12"])
 
 
+def test_narrower_vae_and_unet_and_fast_training_build_models_the_method_loads(toy, tmp_path):
+    """--vae-width / --unet-width set the two models' channels (saved in their configs, so the
+    toy preset loads them as any other world), and --fast-training trains every stage with fused
+    AdamW; the widths must suit GroupNorm's 16 groups."""
+    out, cfg, _ = toy
+    copy = str(tmp_path / "w")
+    shutil.copytree(out, copy)
+    for gone in ("sd", "latents.pt", "vae.ckpt", "t2i.ckpt", "judge.pt", "judge.ckpt", "clip-l", "clip-l.ckpt"):
+        path = os.path.join(copy, gone)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    fused, adamw = [], torch.optim.AdamW
+
+    class Recording(adamw):
+        def __init__(self, *a, **kw):
+            fused.append(kw.get("fused"))
+            super().__init__(*a, **kw)
+
+    torch.optim.AdamW = Recording
+    try:
+        for stage in ("vae", "judge", "clip-l", "t2i"):
+            toyworld.main(dataclasses.replace(cfg, out=copy, stage=stage, vae_width=32, unet_width=48, fast_training=True))
+    finally:
+        torch.optim.AdamW = adamw
+    assert fused == [True] * 4
+    vae = json.load(open(os.path.join(copy, "sd", "vae", "config.json")))
+    unet = json.load(open(os.path.join(copy, "sd", "unet", "config.json")))
+    assert vae["block_out_channels"] == [32, 32] and unet["block_out_channels"] == [32, 48, 48]
+    assert json.load(open(os.path.join(out, "sd", "unet", "config.json")))["block_out_channels"] == [32, 64, 64]
+    comps = model.load_components("toy", base=os.path.join(copy, "sd"), with_image_encoder=False)
+    assert list(comps.unet.config.block_out_channels) == [32, 48, 48]
+    os.remove(os.path.join(copy, "competence.json"))
+    toyworld.main(dataclasses.replace(cfg, out=copy, stage="competence"))  # draws through the toy preset
+    assert set(json.load(open(os.path.join(copy, "competence.json")))["drawing"]) == {*toyworld.CLASSES, "all"}
+    for flag in ("--vae-width", "--unet-width"):
+        assert getattr(toyworld.parse_args([flag, "48"]), flag[2:].replace("-", "_")) == 48
+        with pytest.raises(cmdline.UserError, match="multiple of 16"):
+            toyworld.parse_args([flag, "40"])
+
+
+def test_clip_training_reads_captions_to_their_last_token_as_the_whole_context_does():
+    """encode_captions (--fast-training) is open_clip's encode_text on a shorter context: the
+    towers are causal and pool at the end-of-text token, so the embeddings are the same function
+    (float64: equal to rounding), for the 77-token clip-l and the 32-token CLIPs."""
+    rng = random.Random(0)
+    insts = toyworld.train_instances()
+    texts = [toyworld.clip_caption(rng.choice(insts), "red", "small", rng) for _ in range(16)] + ["a photo of a ring"]
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    for name in ("clip-l", "clip-h"):
+        torch.manual_seed(0)
+        clip = open_clip.CLIP(**toyworld.CLIP_CONFIGS[name]).double()
+        ids = tokenizer(texts, context_length=clip.context_length)
+        assert ids.ne(0).sum(1).max() < clip.context_length  # the shortcut has something to cut
+        full, short = clip.encode_text(ids), toyworld.encode_captions(clip, ids)
+        assert torch.allclose(full, short, atol=1e-12) and full.std() > 0.01
+
+
+def test_an_instances_fill_is_drawn_once_and_the_pictures_are_unchanged():
+    """render() takes an instance's fill from a cache (the same for every class of one instance);
+    the pictures equal fills drawn afresh."""
+    inst = toyworld.train_instances()[7]
+    twin = dataclasses.replace(inst, cls="heart" if inst.cls != "heart" else "ring")
+    assert toyworld._pattern(inst, 128) is toyworld._pattern(twin, 128)
+    fresh = toyworld._draw_pattern(inst, 128, (toyworld.COLOURS[inst.colour1], toyworld.COLOURS[inst.colour2]))
+    assert fresh.tobytes() == toyworld._pattern(inst, 128).tobytes()
+    other = dataclasses.replace(inst, colour1=inst.colour2, colour2=inst.colour1)
+    assert toyworld._pattern(other, 128).tobytes() != fresh.tobytes()
+
+
 def test_competence_draws_at_the_competence_guidance(toy, tmp_path, monkeypatch):
     """--competence-guidance reaches every competence drawing and is recorded beside the numbers."""
     out, cfg, _ = toy
@@ -491,15 +559,21 @@ def test_the_judge_also_learns_from_objects_drawn_in_other_colours_and_outlines(
 
 def test_schedule_runs_the_lanes_side_by_side_and_a_stage_after_what_it_needs():
     """The build's time from its stages' times, as build() runs them: world, then the two lanes
-    side by side (t2i starts when clip-l, in its lane, and the VAE, in the other, have ended),
-    then competence; --jobs 1 adds them all up."""
+    side by side (the VAE and t2i in one, the CLIPs and the judge in the other; t2i starts when
+    the VAE and clip-l have ended, the judge when the VAE has), then competence; --jobs 1 runs
+    them one after the other, each after what it needs, and adds them all up."""
     secs = {"world": 1, "vae": 10, "judge": 5, "clip-h": 5, "clip-b": 5, "clip-l": 20, "t2i": 30, "competence": 2}
     total, end = toyworld.schedule(secs, jobs=2)
-    assert (end["clip-b"], end["clip-l"], end["t2i"], total) == (26, 21, 51, 53)
+    assert (end["vae"], end["clip-l"], end["t2i"], end["clip-b"], end["judge"], total) == (11, 21, 51, 31, 36, 53)
     total, end = toyworld.schedule({**secs, "vae": 30}, jobs=2)
-    assert (end["clip-b"], end["t2i"], total) == (46, 61, 63)  # t2i waited for the VAE
+    assert (end["t2i"], end["judge"], total) == (61, 36, 63)  # t2i waited for the VAE
+    total, end = toyworld.schedule({**secs, "vae": 40}, jobs=2)
+    assert (end["clip-b"], end["judge"], end["t2i"], total) == (31, 46, 71, 73)  # so did the judge
     total, end = toyworld.schedule(secs, jobs=1)
     assert total == sum(secs.values()) == 78
+    assert toyworld.in_order(toyworld.PLAN[1]) == ["vae", "clip-l", "t2i", "clip-h", "clip-b", "judge"]
+    with pytest.raises(ValueError, match="never runs"):
+        toyworld.in_order([["t2i", "clip-l"]])  # t2i before clip-l, in one lane
 
 
 def test_data_pass_runs_a_tenth_under_benchmark_and_extrapolates_the_rest(monkeypatch):
