@@ -98,7 +98,7 @@ def test_judge_width_sets_the_judges_channels(toy, tmp_path):
         toyworld.parse_args(["--judge-width", "12"])
 
 
-def test_narrower_vae_and_unet_and_fast_training_build_models_the_method_loads(toy, tmp_path):
+def test_narrower_vae_and_unet_and_fast_training_build_models_the_method_loads(toy, tmp_path, monkeypatch):
     """--vae-width / --unet-width set the two models' channels (saved in their configs, so the
     toy preset loads them as any other world), and --fast-training trains every stage with fused
     AdamW; the widths must suit GroupNorm's 16 groups."""
@@ -115,12 +115,10 @@ def test_narrower_vae_and_unet_and_fast_training_build_models_the_method_loads(t
             fused.append(kw.get("fused"))
             super().__init__(*a, **kw)
 
-    torch.optim.AdamW = Recording
-    try:
-        for stage in ("vae", "judge", "clip-l", "t2i"):
-            toyworld.main(dataclasses.replace(cfg, out=copy, stage=stage, vae_width=32, unet_width=48, fast_training=True))
-    finally:
-        torch.optim.AdamW = adamw
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    for stage in ("vae", "judge", "clip-l", "t2i"):
+        toyworld.main(dataclasses.replace(cfg, out=copy, stage=stage, vae_width=32, unet_width=48, fast_training=True))
+    monkeypatch.undo()
     assert fused == [True] * 4
     vae = json.load(open(os.path.join(copy, "sd", "vae", "config.json")))
     unet = json.load(open(os.path.join(copy, "sd", "unet", "config.json")))
