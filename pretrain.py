@@ -260,7 +260,9 @@ def validate(cfg: Config, comps, encoder, val: dict, step: int, out_dir: str) ->
     (or classes.csv) give the images at least two class nouns, the gap is also measured against
     the next image of another class and of the same class (class_split_gaps): a concept that is
     only its class has the first and not the second.
-    Also: mean ||v*|| and mean ||Delta W||_F (summed over layers), and a one-step reconstruction
+    Also: mean ||v*|| beside a word's (the median norm of the token table's words: where Eq. (4)
+    holds v* far below it, the text encoder may not read v*'s direction as the word it points
+    to), mean ||Delta W||_F (summed over layers), and a one-step reconstruction
     grid (input, then x0 predicted at t = 500 by its matched concept) written to OUT/val/
     (step_N.png for the first --val-images folder, step_N_<folder name>.png for the others).
     """
@@ -281,7 +283,8 @@ def validate(cfg: Config, comps, encoder, val: dict, step: int, out_dir: str) ->
           for _, lora in concepts]  # ||Delta W||_F over all layers
     rec = {"event": "val", "step": step, "images": val["folder"], "matched": sum(matched) / n,
            "swapped": sum(swapped) / n, "gap": gap["mean"], "gap_se": gap["se"],
-           "v_norm": sum(v.norm().item() for v, _ in concepts) / n, "delta_w_norm": sum(dw) / n, "n": n,
+           "v_norm": sum(v.norm().item() for v, _ in concepts) / n,
+           "word_norm": model.typical_token_norm(comps.token_table), "delta_w_norm": sum(dw) / n, "n": n,
            **class_split_gaps(comps, concepts, [cfg.alpha_blend] * n, val, cache),
            **collapse_stats(comps, torch.cat([v for v, _ in concepts]), val["files"])}
     tag = "" if val["folder"] == val_folders(cfg)[0] else "_" + os.path.basename(os.path.normpath(val["folder"]))
@@ -638,7 +641,8 @@ class RunLog:
             split += f"(twin's v* only {gap('same_class_v_only')}, dW only {gap('same_class_dw_only')}), "
         self.bar.write(f"step {rec['step']}: val [{rec['images']}] gap (swapped - matched) "
                        f"{rec['gap']:+.5f} ± {rec['gap_se']:.5f}, {split}"
-                       f"matched {rec['matched']:.5f}, |v*| {rec['v_norm']:.3f}, |dW| {rec['delta_w_norm']:.3f}, "
+                       f"matched {rec['matched']:.5f}, |v*| {rec['v_norm']:.3f} (a word's: {rec['word_norm']:.3f}), "
+                       f"|dW| {rec['delta_w_norm']:.3f}, "
                        f"v* pairwise cos {rec['v_pairwise_cos']:.3f}, nearest words "
                        + ", ".join(f"{w} x{c}" for w, c in rec["top_words"].items()), file=sys.stderr)
         self.write(rec)

@@ -66,6 +66,25 @@ def test_resume_in_the_middle_gives_the_same_weights_as_a_straight_run(tmp_path)
     assert [r["step"] for r in _log(half) if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
+def test_validation_does_not_change_the_training(tmp_path):
+    """Validation draws from its own seeded generators: a run validated every step trains the same
+    weights as one never validated (so runs that differ only in --val-images / --val-every are one
+    training, and their numbers can stand for each other)."""
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for i in range(3):
+        data.synthetic_image(i, size=64).save(folder / f"c{i}.png")
+    plain = _cfg(tmp_path / "a", steps=3)
+    pretrain.main(plain)
+    validated = _cfg(tmp_path / "b", steps=3, val_images=str(folder), val_every=1, val_views=2)
+    pretrain.main(validated)
+    assert [r["step"] for r in _log(validated) if r.get("event") == "val"] == [1, 2, 3]
+    a = torch.load(os.path.join(plain.out, "encoder.pt"), weights_only=True)["encoder"]
+    b = torch.load(os.path.join(validated.out, "encoder.pt"), weights_only=True)["encoder"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_checkpoint_holds_trainable_weights_only_and_loads_weights_only(tmp_path, tiny, capsys):
     cfg = _cfg(tmp_path, steps=2, save_every=1, benchmark=True)
     pretrain.main(cfg)

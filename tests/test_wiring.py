@@ -388,6 +388,8 @@ def test_validation_gap_is_exactly_zero_for_an_image_blind_encoder_and_not_other
     rec = pretrain.validate(cfg, comps, enc, val, step=1, out_dir=str(tmp_path / "o"))
     assert rec["n"] == 3 and abs(rec["gap"]) > 1e-7 and rec["gap_se"] > 0
     assert rec["delta_w_norm"] > 0 and rec["v_norm"] > 0
+    # |v*| is shown beside a word's: the median norm of the table's words (Eq. 4's scale)
+    assert rec["word_norm"] == pytest.approx(model.typical_token_norm(comps.token_table))
     with torch.no_grad():  # blind the encoder: every image now gets the same concept
         enc.clip_proj.weight.zero_()
         enc.unet_proj.weight.zero_()
