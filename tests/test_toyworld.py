@@ -402,6 +402,8 @@ def test_the_readmes_toy_sequence_uses_only_flags_the_scripts_have():
     assert pre.preset == "toy" and pre.steps == 2000 and pre.embedding_reg == "contrastive"
     assert pre.contrastive_from == 1500 and pre.lambda_contrastive == 1e-3 and pre.val_views == 16
     assert pre.t_min == 400  # Eq. (1)'s t from [400, 1000) in every pre-training of the sequence
+    # Eq. (4) at the toy's weight in every pre-training (the Sec. 5.2 variants included)
+    assert {cfg.lambda_embedding for s, cfg in parsed if s == "pretrain.py"} == {1e-4}
     nohyper = parsed[3][1]  # the Sec. 5.4 encoder differs from the method's only in the hypernetwork
     assert nohyper.hypernet is False
     assert (nohyper.embedding_reg, nohyper.contrastive_from, nohyper.lambda_contrastive, nohyper.t_min) == (
