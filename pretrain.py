@@ -284,7 +284,7 @@ def validate(cfg: Config, comps, encoder, val: dict, step: int, out_dir: str) ->
     rec = {"event": "val", "step": step, "images": val["folder"], "matched": sum(matched) / n,
            "swapped": sum(swapped) / n, "gap": gap["mean"], "gap_se": gap["se"],
            "v_norm": sum(v.norm().item() for v, _ in concepts) / n,
-           "word_norm": model.typical_token_norm(comps.token_table), "delta_w_norm": sum(dw) / n, "n": n,
+           "word_norm": val["word_norm"], "delta_w_norm": sum(dw) / n, "n": n,
            **class_split_gaps(comps, concepts, [cfg.alpha_blend] * n, val, cache),
            **collapse_stats(comps, torch.cat([v for v, _ in concepts]), val["files"])}
     tag = "" if val["folder"] == val_folders(cfg)[0] else "_" + os.path.basename(os.path.normpath(val["folder"]))
@@ -449,7 +449,8 @@ def _reconstruction_grid(cfg, comps, concepts, val, path: str):
 
 def load_validation_set(cfg: Config, comps, folder: str | None = None) -> dict:
     """Latents of the centre view and of `val_views` augmented views, and the CLIP view, of every
-    image in one --val-images folder (default: the first; computed once)."""
+    image in one --val-images folder (default: the first; computed once), and a word's norm (the
+    token table is frozen: the length validation shows beside ||v*||)."""
     folder = folder or val_folders(cfg)[0]
     files = sorted(f for f in os.listdir(folder) if os.path.splitext(f)[1].lower() in data_lib.IMAGE_EXTS)
     if len(files) < 2:
@@ -470,7 +471,8 @@ def load_validation_set(cfg: Config, comps, folder: str | None = None) -> dict:
         latents.append(model.vae_latents(comps.vae, views.to(device), g).float())
         clip.append(clip_view)
     return {"centre": torch.cat(centre), "clip": torch.stack(clip).to(device), "latents": latents, "files": files,
-            "folder": folder, "nouns": data_lib.class_nouns(folder, files)}
+            "folder": folder, "nouns": data_lib.class_nouns(folder, files),
+            "word_norm": model.typical_token_norm(comps.token_table)}
 
 
 def make_checkpoint(cfg, comps, encoder, opt, sched, step: int) -> dict:
